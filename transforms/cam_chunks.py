@@ -1,0 +1,109 @@
+"""Beam DoFn: one store chunk's records in, that whole chunk's CAMs out.
+
+The network (NengoDL simulator and Keras reference) is built once per worker in
+``setup`` and reused for every chunk. Records that fail to decode or fit the model are
+marked ``status == 2`` with the reason; the rest are simulated together.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable
+
+import apache_beam as beam
+import numpy as np
+import xarray as xr
+
+from transforms.cam import class_activation_maps
+from transforms.model_head import CamHead, find_cam_head, load_keras_model
+from transforms.records import ExampleDecoder, TfdsDecoder, to_model_input
+from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
+from transforms.store import (
+    STATUS_DONE,
+    STATUS_FAILED,
+    StoreLayout,
+    chunk_bounds,
+    chunk_dataset,
+    chunk_key,
+    empty_chunk,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything a worker needs, picklable: the model file, how to simulate and decode."""
+
+    model_path: str
+    settings: SpikingSettings
+    decoder: TfdsDecoder | ExampleDecoder
+    layout: StoreLayout
+
+
+def check_example(label: int, boxes: np.ndarray, n_classes: int, max_boxes: int) -> None:
+    """Raise ValueError when a decoded record does not fit the store."""
+    if not -1 <= label < n_classes:
+        raise ValueError(f"label {label} is outside 0..{n_classes - 1}")
+    if len(boxes) > max_boxes:
+        raise ValueError(f"{len(boxes)} boxes, more than --max-boxes={max_boxes}")
+
+
+class ComputeCamChunk(beam.DoFn):
+    """(chunk index, [(image index, serialized record), ...]) -> (xbeam.Key, chunk Dataset)."""
+
+    def __init__(self, job: ChunkJob, template: xr.Dataset):
+        self._job = job
+        self._template = template
+
+    def setup(self) -> None:
+        model = load_keras_model(self._job.model_path)
+        self._head: CamHead = find_cam_head(model, self._job.model_path)
+        self._spiking = SpikingNetwork(model, self._head, self._job.settings)
+        self._reference = ReferenceNetwork(model, self._head)
+
+    def teardown(self) -> None:
+        if hasattr(self, "_spiking"):
+            self._spiking.close()
+
+    def process(self, element: tuple[int, Iterable[tuple[int, bytes]]]):
+        chunk_index, records = element
+        layout = self._job.layout
+        start, stop = chunk_bounds(chunk_index, layout)
+        arrays = empty_chunk(self._template, start, stop)
+        rows, images = [], []
+        for index, serialized in sorted(records, key=lambda r: r[0]):
+            row = index - start
+            try:
+                example = self._job.decoder.decode(serialized)
+                check_example(example.label, example.boxes, self._head.n_classes, layout.max_boxes)
+                image = to_model_input(example.image, self._head.input_shape)
+            except Exception as err:  # noqa: BLE001 - every failure is recorded per image
+                arrays["status"][row] = STATUS_FAILED
+                arrays["error"][row] = f"decode: {type(err).__name__}: {err}"
+                continue
+            arrays["label"][row] = example.label
+            arrays["boxes"][row, : len(example.boxes)] = example.boxes
+            rows.append(row)
+            images.append(image)
+        if images:
+            self._compute(np.stack(images), np.asarray(rows), arrays)
+        yield chunk_key(chunk_index, layout), chunk_dataset(self._template, arrays)
+
+    def _compute(self, images: np.ndarray, rows: np.ndarray, arrays: dict) -> None:
+        weights = self._head.weights
+        features, logits = self._spiking.run(images)
+        reference_features, reference_logits = self._reference.run(images)
+        # (n, T, K, h, w) -> (n, K, T, h, w)
+        arrays["cam"][rows] = np.moveaxis(class_activation_maps(features, weights), 2, 1)
+        arrays["logits"][rows] = logits
+        arrays["cam_reference"][rows] = class_activation_maps(reference_features, weights)
+        arrays["logits_reference"][rows] = reference_logits
+        arrays["status"][rows] = STATUS_DONE
+
+
+def key_by_chunk(record: tuple[int, bytes], layout: StoreLayout) -> tuple[int, tuple[int, bytes]]:
+    """(image index, record) -> (chunk index, (image index, record))."""
+    return record[0] // layout.images_per_chunk, record
+

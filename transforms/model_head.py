@@ -1,0 +1,133 @@
+"""Find the CAM head of a Keras model: the feature map that a GlobalAveragePooling2D reads,
+and the Dense layer that reads the pooled vector.
+
+CAM (Zhou et al. 2016) needs ``features (H, W, C) -> GAP -> Dense(K)``: the map for class
+``k`` is ``sum_c features[..., c] * W[c, k]``, whose spatial mean plus ``b[k]`` is logit
+``k``. Layers that are the identity at inference (Dropout and the like) may stand between
+GAP and Dense; a softmax after the Dense is dropped, since CAMs are about logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transforms.nengo_shim import tf_keras
+
+_IDENTITY_AT_INFERENCE = (
+    tf_keras.layers.Dropout,
+    tf_keras.layers.SpatialDropout1D,
+    tf_keras.layers.GaussianNoise,
+    tf_keras.layers.GaussianDropout,
+    tf_keras.layers.AlphaDropout,
+    tf_keras.layers.ActivityRegularization,
+)
+
+
+class ModelHeadError(ValueError):
+    """The model lacks the GAP -> Dense head that CAMs need."""
+
+
+@dataclass(frozen=True)
+class CamHead:
+    """Where the CAM comes from in a Keras model.
+
+    feature_layer: name of the layer whose output the GAP reads (the last convolutional
+    feature map); feature_shape: its (H, W, C); dense_layer: name of the Dense layer after
+    the GAP; weights: (C, K) float32; bias: (K,) float32, zeros where the Dense has none;
+    input_shape: the model's (H, W, C) input.
+    """
+
+    feature_layer: str
+    feature_shape: tuple[int, int, int]
+    dense_layer: str
+    weights: np.ndarray
+    bias: np.ndarray
+    input_shape: tuple[int, int, int]
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.weights.shape[1])
+
+
+def load_keras_model(path: str | Path) -> tf_keras.Model:
+    """Load a tf-keras (Keras 2) model file without its training configuration."""
+    try:
+        return tf_keras.models.load_model(str(path), compile=False)
+    except (OSError, ValueError) as err:
+        raise ModelHeadError(f"{path}: cannot load as a tf-keras model: {err}") from err
+
+
+def _inbound_layer(layer: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
+    """The single layer feeding ``layer``; ModelHeadError if it has several or none."""
+    nodes = layer.inbound_nodes
+    inbound = nodes[0].inbound_layers if len(nodes) == 1 else []
+    inbound = inbound if isinstance(inbound, list) else [inbound]
+    if len(inbound) != 1:
+        raise ModelHeadError(f"layer {layer.name!r} must have exactly one input")
+    return inbound[0]
+
+
+def find_cam_head(model: tf_keras.Model, source: str = "model") -> CamHead:
+    """Locate the feature map -> GlobalAveragePooling2D -> Dense path that ends the model.
+
+    Raises ModelHeadError, naming ``source`` and what is missing, when the model's output
+    is not a Dense layer fed (through inference-time identities only) by a
+    GlobalAveragePooling2D over a 4-D feature map.
+    """
+    if not isinstance(model, tf_keras.Model) or len(model.outputs) != 1:
+        raise ModelHeadError(f"{source}: the model must be a tf-keras model with one output")
+    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
+        raise ModelHeadError(f"{source}: the model must take one image input (H, W, C)")
+    layer = model.get_layer(model.outputs[0].node.layer.name)
+    if isinstance(layer, (tf_keras.layers.Activation, tf_keras.layers.Softmax)):
+        layer = _inbound_layer(layer)
+    if not isinstance(layer, tf_keras.layers.Dense):
+        raise ModelHeadError(
+            f"{source}: CAMs need a Dense layer at the output after GlobalAveragePooling2D; "
+            f"the output comes from {layer.name!r} ({type(layer).__name__})"
+        )
+    dense = layer
+    layer = _inbound_layer(dense)
+    while isinstance(layer, _IDENTITY_AT_INFERENCE):
+        layer = _inbound_layer(layer)
+    if not isinstance(layer, tf_keras.layers.GlobalAveragePooling2D):
+        raise ModelHeadError(
+            f"{source}: CAMs need GlobalAveragePooling2D directly before the Dense layer "
+            f"{dense.name!r}; found {layer.name!r} ({type(layer).__name__}) there"
+        )
+    if getattr(layer, "keepdims", False) or layer.data_format != "channels_last":
+        raise ModelHeadError(
+            f"{source}: GlobalAveragePooling2D {layer.name!r} must be channels_last without keepdims"
+        )
+    feature = _inbound_layer(layer)
+    feature_shape = tuple(int(d) for d in feature.output.shape[1:])
+    dense_weights = dense.get_weights()
+    weights = np.asarray(dense_weights[0], np.float32)
+    bias = (
+        np.asarray(dense_weights[1], np.float32)
+        if dense.use_bias
+        else np.zeros(weights.shape[1], np.float32)
+    )
+    input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    if None in input_shape or None in feature_shape:
+        raise ModelHeadError(f"{source}: the model's input size must be fixed, got {model.inputs[0].shape}")
+    return CamHead(feature.name, feature_shape, dense.name, weights, bias, input_shape)
+
+
+def cam_model(model: tf_keras.Model, head: CamHead) -> tf_keras.Model:
+    """A model from the same input to [feature map (B, H, W, C), logits (B, K)].
+
+    The logits are the head's Dense layer without its activation (a softmax is dropped).
+    Layers are shared with ``model``, so weights are the same objects.
+    """
+    features = model.get_layer(head.feature_layer).output
+    pooled = tf_keras.layers.GlobalAveragePooling2D(name="cam_gap")(features)
+    logits = tf_keras.layers.Dense(
+        head.n_classes, use_bias=True, name="cam_logits"
+    )(pooled)
+    submodel = tf_keras.Model(model.inputs[0], [features, logits], name="cam_model")
+    submodel.get_layer("cam_logits").set_weights([head.weights, head.bias])
+    return submodel
