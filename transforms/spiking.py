@@ -93,6 +93,10 @@ class SpikingNetwork:
             synapse=_lowpass(settings.synapse),
             inference_only=True,
         )
+        # Fixed seed: nengo draws initial neuron states (e.g. spiking-ReLU voltages, uniform
+        # in [0, 1)) from the global RNG when the network has none, so every worker would
+        # start its neurons differently.
+        converter.net.seed = 0
         feature_object = converter.layers[logits_model.get_layer(head.feature_layer)]
         with converter.net:
             self._feature_probe = nengo.Probe(

@@ -1,0 +1,128 @@
+"""End-to-end runs on the shipped sample, checked against independent references."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline.sample import LABEL_NAMES
+from tests.conftest import N_IMAGES, SPIKING_ARGS, run_cli
+
+
+def test_rate_neuron_cam_equals_keras_cam_at_every_step(relu_store, keras_reference, sample_images):
+    ds = xr.open_zarr(relu_store)
+    assert (ds.status.values == 1).all()
+    cam = ds.cam.values.astype(np.float64)  # (image, class, timestep, y, x)
+    expected = keras_reference["cam"]  # (image, class, y, x)
+    scale = np.abs(expected).max()
+    for step in range(ds.sizes["timestep"]):
+        np.testing.assert_allclose(cam[:, :, step], expected, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(ds.cam_reference.values, expected, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(ds.logits_reference.values, keras_reference["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ds.label.values, sample_images["label"])
+    np.testing.assert_allclose(ds.boxes.values[:, 0], sample_images["bbox"])
+    assert np.isnan(ds.boxes.values[:, 1:]).all()
+    np.testing.assert_array_equal(ds.dense_weights.values, keras_reference["weights"])
+    np.testing.assert_array_equal(ds.dense_bias.values, keras_reference["bias"])
+
+
+def test_spatial_mean_of_cam_plus_bias_is_logits_at_every_step(spiking_store):
+    """The probe synapse equals the network synapse by default, so the probed maps are what
+    the GAP reads: mean_yx(cam) + bias == logits at every step, spikes and all."""
+    ds = xr.open_zarr(spiking_store)
+    assert ds.attrs["neuron"] == "spiking-relu"
+    assert ds.attrs["synapse"] == ds.attrs["probe_synapse"] != "none"
+    from_cam = ds.cam.mean(("y", "x")).transpose("image", "timestep", "class") + ds.dense_bias
+    logits = ds.logits.transpose("image", "timestep", "class")
+    scale = float(np.abs(logits).max())
+    np.testing.assert_allclose(from_cam.values, logits.values, rtol=1e-5, atol=1e-5 * scale)
+    # The spiking maps are not the rate maps: they start from zero and approach them.
+    reference = ds.cam_reference.values
+    assert np.abs(ds.cam.isel(timestep=0).values).max() == 0.0
+    last = ds.cam.isel(timestep=-1).values
+    err_last = np.abs(last - reference).mean()
+    err_mid = np.abs(ds.cam.isel(timestep=5).values - reference).mean()
+    assert 0 < err_last < err_mid
+
+
+def test_two_worker_processes_give_an_identical_store(spiking_store, store_dir):
+    out = store_dir / "spiking_2workers.zarr"
+    code = run_cli(
+        *SPIKING_ARGS, "--output", str(out),
+        "--direct_num_workers=2", "--direct_running_mode=multi_processing",
+    )
+    assert code == 0
+    one, two = xr.open_zarr(spiking_store), xr.open_zarr(out)
+    xr.testing.assert_identical(one.load(), two.load())
+    assert list(two.image_id.values) == [
+        f"digits_on_canvas-test.tfrecord-00000-of-00001:{i}" for i in range(N_IMAGES)
+    ]
+
+
+OPEN_STORE = """
+import json, sys, xarray as xr
+ds = xr.open_zarr(sys.argv[1])
+print(json.dumps({
+    "dims": dict(ds.sizes),
+    "coords": sorted(ds.coords),
+    "variables": {name: list(v.dims) for name, v in ds.data_vars.items()},
+    "classes": [str(c) for c in ds["class"].values],
+    "time": ds.time.values.tolist(),
+    "attrs": sorted(ds.attrs),
+}))
+"""
+
+
+def test_store_opens_in_a_fresh_process_with_the_store_md_interface(spiking_store):
+    result = subprocess.run(
+        [sys.executable, "-c", OPEN_STORE, str(spiking_store)], capture_output=True, text=True, check=True
+    )
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["dims"] == {
+        "image": N_IMAGES, "class": 10, "timestep": 12, "y": 8, "x": 8, "channel": 64, "box": 8, "coord": 4,
+    }
+    assert {"image", "image_id", "class", "timestep", "time", "y", "x", "channel"} <= set(info["coords"])
+    assert info["variables"] == {
+        "cam": ["image", "class", "timestep", "y", "x"],
+        "cam_reference": ["image", "class", "y", "x"],
+        "logits": ["image", "timestep", "class"],
+        "logits_reference": ["image", "class"],
+        "label": ["image"],
+        "boxes": ["image", "box", "coord"],
+        "status": ["image"],
+        "error": ["image"],
+        "dense_weights": ["channel", "class"],
+        "dense_bias": ["class"],
+    }
+    assert info["classes"] == LABEL_NAMES
+    np.testing.assert_allclose(info["time"], (np.arange(12) + 1) * 0.001)
+    for key in ("model_file", "model_sha256", "neuron", "n_steps", "dt", "synapse", "probe_synapse",
+                "scale_firing_rates", "dataset", "package_versions"):
+        assert key in info["attrs"]
+
+
+def test_existing_output_is_refused_before_any_work(spiking_store, capsys):
+    before = sorted(p.name for p in spiking_store.iterdir())
+    assert run_cli("--limit", "2", "--output", str(spiking_store)) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in spiking_store.iterdir()) == before
+
+
+def test_model_without_gap_dense_head_is_refused(tmp_path, capsys):
+    from transforms.nengo_shim import tf_keras
+
+    inputs = tf_keras.Input((64, 64, 1))
+    x = tf_keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = tf_keras.layers.Flatten()(x)
+    model_path = tmp_path / "flatten.h5"
+    tf_keras.Model(inputs, tf_keras.layers.Dense(10, name="out")(x)).save(model_path)
+    out = tmp_path / "never.zarr"
+    assert run_cli("--model", str(model_path), "--output", str(out)) == 2
+    err = capsys.readouterr().err
+    assert str(model_path) in err and "GlobalAveragePooling2D" in err
+    assert not out.exists()

@@ -1,0 +1,49 @@
+"""Plain TFRecord files of tf.train.Example with the common keys, made here from the sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from tests.conftest import run_cli
+from transforms.nengo_shim import tf
+
+
+def _example(image_png: bytes, label: int, box: np.ndarray) -> bytes:
+    feature = {
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_png])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    }
+    for name, value in zip(("ymin", "xmin", "ymax", "xmax"), box):
+        feature[f"image/object/bbox/{name}"] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def test_tfrecord_glob_with_gzip_and_a_bad_image(tmp_path, sample_images, relu_store):
+    images, labels, boxes = sample_images["image"], sample_images["label"], sample_images["bbox"]
+    pngs = [tf.io.encode_png(image).numpy() for image in images[:6]]
+    # b.tfrecord.gz sorts after a.tfrecord: images 0-2 then a broken record then 3-5.
+    with tf.io.TFRecordWriter(str(tmp_path / "a.tfrecord")) as writer:
+        for i in range(3):
+            writer.write(_example(pngs[i], int(labels[i]), boxes[i]))
+    with tf.io.TFRecordWriter(str(tmp_path / "b.tfrecord.gz"), options="GZIP") as writer:
+        writer.write(_example(b"not an image", 1, boxes[0]))
+        for i in range(3, 6):
+            writer.write(_example(pngs[i], int(labels[i]), boxes[i]))
+    out = tmp_path / "plain.zarr"
+    assert run_cli("--input", str(tmp_path / "*.tfrecord*"), "--neuron", "relu", "--n-steps", "1",
+                   "--batch-size", "4", "--output", str(out)) == 0
+
+    ds = xr.open_zarr(out)
+    assert list(ds.image_id.values) == ["a.tfrecord:0", "a.tfrecord:1", "a.tfrecord:2",
+                                        "b.tfrecord.gz:0", "b.tfrecord.gz:1", "b.tfrecord.gz:2",
+                                        "b.tfrecord.gz:3"]
+    assert list(ds["class"].values) == [str(k) for k in range(10)]
+    np.testing.assert_array_equal(ds.status.values, [1, 1, 1, 2, 1, 1, 1])
+    assert "decode" in str(ds.error.values[3]) and ds.error.values[0] == ""
+    assert np.isnan(ds.cam.values[3]).all() and ds.label.values[3] == -1
+    good = [0, 1, 2, 4, 5, 6]
+    reference = xr.open_zarr(relu_store)
+    np.testing.assert_allclose(ds.cam.values[good, :, 0], reference.cam.values[:6, :, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ds.label.values[good], labels[:6])
+    np.testing.assert_allclose(ds.boxes.values[good, 0], boxes[:6])
