@@ -126,3 +126,17 @@ def test_model_without_gap_dense_head_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(model_path) in err and "GlobalAveragePooling2D" in err
     assert not out.exists()
+
+
+def test_networks_are_built_once_per_worker_and_reused_for_every_chunk(store_dir, relu_store):
+    from transforms.cam_chunks import Networks
+
+    before = Networks.builds
+    out = store_dir / "three_chunks.zarr"
+    assert run_cli("--neuron", "relu", "--n-steps", "1", "--limit", "12", "--images-per-chunk", "4",
+                   "--batch-size", "3", "--output", str(out)) == 0
+    assert Networks.builds == before + 1
+    ds = xr.open_zarr(out)
+    assert ds.cam.encoding["chunks"][0] == 4 and (ds.status.values == 1).all()
+    np.testing.assert_allclose(ds.cam.values[:, :, 0], xr.open_zarr(relu_store).cam.values[:12, :, 0],
+                               rtol=1e-6, atol=1e-6)

@@ -1,17 +1,20 @@
 """Beam DoFn: one store chunk's records in, that whole chunk's CAMs out.
 
-The network (NengoDL simulator and Keras reference) is built once per worker in
-``setup`` and reused for every chunk. Records that fail to decode or fit the model are
-marked ``status == 2`` with the reason; the rest are simulated together.
+The networks (NengoDL simulator and Keras reference) are built once per worker process
+(``beam.utils.shared.Shared``: DoFn instances on several threads of one process share
+them, one at a time) and reused for every chunk. Records that fail to decode or fit the
+model are marked ``status == 2`` with the reason; the rest are simulated together.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
 import apache_beam as beam
+from apache_beam.utils.shared import Shared
 import numpy as np
 import xarray as xr
 
@@ -50,22 +53,33 @@ def check_example(label: int, boxes: np.ndarray, n_classes: int, max_boxes: int)
         raise ValueError(f"{len(boxes)} boxes, more than --max-boxes={max_boxes}")
 
 
+class Networks:
+    """The spiking and reference networks of one job, and a lock to use them one at a time."""
+
+    builds = 0  # how many were built in this process (tests check that it is one per run)
+
+    def __init__(self, job: ChunkJob):
+        model = load_keras_model(job.model_path)
+        self.head: CamHead = find_cam_head(model, job.model_path)
+        self.spiking = SpikingNetwork(model, self.head, job.settings)
+        self.reference = ReferenceNetwork(model, self.head)
+        self.lock = threading.Lock()
+        Networks.builds += 1
+
+
 class ComputeCamChunk(beam.DoFn):
     """(chunk index, [(image index, serialized record), ...]) -> (xbeam.Key, chunk Dataset)."""
 
     def __init__(self, job: ChunkJob, template: xr.Dataset):
         self._job = job
         self._template = template
+        self._shared = Shared()
 
     def setup(self) -> None:
-        model = load_keras_model(self._job.model_path)
-        self._head: CamHead = find_cam_head(model, self._job.model_path)
-        self._spiking = SpikingNetwork(model, self._head, self._job.settings)
-        self._reference = ReferenceNetwork(model, self._head)
-
-    def teardown(self) -> None:
-        if hasattr(self, "_spiking"):
-            self._spiking.close()
+        self._networks: Networks = self._shared.acquire(
+            lambda: Networks(self._job), tag=repr(self._job)
+        )
+        self._head = self._networks.head
 
     def process(self, element: tuple[int, Iterable[tuple[int, bytes]]]):
         chunk_index, records = element
@@ -93,8 +107,9 @@ class ComputeCamChunk(beam.DoFn):
 
     def _compute(self, images: np.ndarray, rows: np.ndarray, arrays: dict) -> None:
         weights = self._head.weights
-        features, logits = self._spiking.run(images)
-        reference_features, reference_logits = self._reference.run(images)
+        with self._networks.lock:
+            features, logits = self._networks.spiking.run(images)
+            reference_features, reference_logits = self._networks.reference.run(images)
         # (n, T, K, h, w) -> (n, K, T, h, w)
         arrays["cam"][rows] = np.moveaxis(class_activation_maps(features, weights), 2, 1)
         arrays["logits"][rows] = logits

@@ -11,6 +11,7 @@ so the spatial mean of ``cam`` plus the Dense bias equals ``logits`` at every st
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,12 +70,11 @@ class ReferenceNetwork:
 
     def __init__(self, model: tf_keras.Model, head: CamHead):
         self._model = cam_model(model, head)
-        self._predict = tf.function(lambda x: self._model(x, training=False))
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """images: (N, H, W, C) float32 -> features (N, h, w, c), logits (N, K)."""
-        features, logits = self._predict(tf.constant(images, tf.float32))
-        return features.numpy(), logits.numpy()
+        features, logits = self._model.predict_on_batch(images.astype(np.float32))
+        return features, logits
 
 
 class SpikingNetwork:
@@ -83,16 +83,25 @@ class SpikingNetwork:
     def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings):
         self.head = head
         self.settings = settings
+        if settings.neuron == "lif":
+            log.warning(
+                "LIF neurons do not follow the ReLU rate curve the model was trained with: "
+                "expect CAMs and accuracy far from the Keras model's unless it was trained "
+                "for LIF (e.g. with nengo_dl.LIF)"
+            )
         submodel = cam_model(model, head)
         logits_model = tf_keras.Model(submodel.inputs[0], submodel.outputs[1])
         neuron = NEURON_TYPES[settings.neuron]()
-        converter = nengo_dl.Converter(
-            logits_model,
-            swap_activations={tf_keras.activations.relu: neuron, tf.nn.relu: neuron},
-            scale_firing_rates=settings.scale_firing_rates,
-            synapse=_lowpass(settings.synapse),
-            inference_only=True,
-        )
+        with warnings.catch_warnings():
+            # Both spellings of ReLU are swapped; a model uses one of them.
+            warnings.filterwarnings("ignore", "swap_activations contained")
+            converter = nengo_dl.Converter(
+                logits_model,
+                swap_activations={tf_keras.activations.relu: neuron, tf.nn.relu: neuron},
+                scale_firing_rates=settings.scale_firing_rates,
+                synapse=_lowpass(settings.synapse),
+                inference_only=True,
+            )
         # Fixed seed: nengo draws initial neuron states (e.g. spiking-ReLU voltages, uniform
         # in [0, 1)) from the global RNG when the network has none, so every worker would
         # start its neurons differently.
@@ -104,13 +113,15 @@ class SpikingNetwork:
             )
         self._input = converter.inputs[logits_model.inputs[0]]
         self._logits_probe = converter.outputs[logits_model.outputs[0]]
-        self._sim = nengo_dl.Simulator(
-            converter.net,
-            dt=settings.dt,
-            minibatch_size=settings.batch_size,
-            progress_bar=False,
-            seed=0,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "No GPU support detected")
+            self._sim = nengo_dl.Simulator(
+                converter.net,
+                dt=settings.dt,
+                minibatch_size=settings.batch_size,
+                progress_bar=False,
+                seed=0,
+            )
 
     def close(self) -> None:
         self._sim.close()
