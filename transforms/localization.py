@@ -1,0 +1,168 @@
+"""Localization statistics of CAMs as pure, vectorized numpy/scipy functions.
+
+Conventions (shared with tfds boxes): pixel ``i`` of an ``H``-pixel image covers
+[i, i + 1); boxes are (ymin, xmin, ymax, xmax) normalized by the image size, on pixel
+edges, so a box covering rows r0..r1 has ymin = r0 / H and ymax = (r1 + 1) / H. NaN
+boxes are "no box".
+
+Upsampling is bilinear with half-pixel centres (as ``tf.image.resize`` and OpenCV): an
+output pixel at centre ``i + 0.5`` reads the CAM at ``(i + 0.5) * h / H - 0.5`` in cell
+units, clamped to the outer cell centres.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of half-pixel-centre linear interpolation from n_in to n_out."""
+    position = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, n_in - 1)
+    frac = position - low
+    matrix = np.zeros((n_out, n_in))
+    np.add.at(matrix, (np.arange(n_out), low), 1 - frac)
+    np.add.at(matrix, (np.arange(n_out), high), frac)
+    return matrix
+
+
+def upsample(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of (..., h, w) maps to (..., H, W), float32."""
+    h, w = cams.shape[-2:]
+    rows, cols = bilinear_matrix(h, size[0]), bilinear_matrix(w, size[1])
+    return np.einsum("Yy,...yx,Xx->...YX", rows, cams, cols, optimize=True).astype(np.float32)
+
+
+def cam_boxes(maps: np.ndarray, threshold: float = 0.2) -> np.ndarray:
+    """The CAM paper's box: keep pixels >= threshold * max, box the largest 8-connected blob.
+
+    maps: (..., H, W) upsampled CAMs. Returns (..., 4) normalized boxes. A map whose
+    maximum is not positive (all zero or all negative: no evidence for the class) has no
+    box: NaN. Ties between equally large blobs go to the one whose first pixel comes
+    first in row-major order.
+    """
+    lead, (height, width) = maps.shape[:-2], maps.shape[-2:]
+    flat = maps.reshape(-1, height, width)
+    peak = flat.max(axis=(1, 2))
+    mask = (flat >= threshold * peak[:, None, None]) & (peak[:, None, None] > 0)
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = True  # 8-connectivity within a map, none across maps
+    labels, n_labels = ndimage.label(mask, structure=structure)
+    boxes = np.full((len(flat), 4), np.nan, np.float32)
+    if n_labels == 0:
+        return boxes.reshape(lead + (4,))
+    sizes = np.bincount(labels.ravel(), minlength=n_labels + 1)
+    slices = ndimage.find_objects(labels)
+    owner = np.array([s[0].start for s in slices])  # the map each label lies in
+    # Largest label per map: sort by (map, -size, label) and keep each map's first.
+    order = np.lexsort((np.arange(1, n_labels + 1), -sizes[1:], owner))
+    first = np.r_[True, owner[order][1:] != owner[order][:-1]]
+    for label in order[first]:
+        ys, xs = slices[label][1], slices[label][2]
+        boxes[owner[label]] = (ys.start / height, xs.start / width, ys.stop / height, xs.stop / width)
+    return boxes.reshape(lead + (4,))
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    """Area of (..., 4) boxes; NaN for NaN boxes."""
+    return np.clip(boxes[..., 2] - boxes[..., 0], 0, None) * np.clip(boxes[..., 3] - boxes[..., 1], 0, None)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of broadcastable (..., 4) boxes; NaN if either is NaN."""
+    top = np.maximum(a[..., 0], b[..., 0])
+    left = np.maximum(a[..., 1], b[..., 1])
+    bottom = np.minimum(a[..., 2], b[..., 2])
+    right = np.minimum(a[..., 3], b[..., 3])
+    inter = np.clip(bottom - top, 0, None) * np.clip(right - left, 0, None)
+    union = box_area(a) + box_area(b) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def best_iou(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """IoU of each predicted box with its best-matching ground-truth box.
+
+    predicted: (N, ..., 4); truth: (N, B, 4), NaN-padded. NaN where the image has no
+    ground-truth box; 0 where it has one but the prediction is NaN (no box).
+    """
+    extra = predicted.ndim - 2
+    gt = truth.reshape(truth.shape[:1] + (1,) * extra + truth.shape[1:])  # (N, 1.., B, 4)
+    scores = iou(predicted[..., None, :], gt)
+    has_gt = ~np.isnan(gt[..., 0])
+    scores = np.where(has_gt, np.nan_to_num(scores, nan=0.0), -np.inf).max(axis=-1)
+    return np.where(np.isinf(scores), np.nan, scores)
+
+
+def in_boxes_mask(truth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) True where a pixel's centre lies inside any of the image's boxes.
+
+    truth: (N, B, 4) normalized, NaN-padded.
+    """
+    height, width = size
+    ys = (np.arange(height) + 0.5) / height
+    xs = (np.arange(width) + 0.5) / width
+    t = truth[..., None, None, :]
+    with np.errstate(invalid="ignore"):
+        inside = (
+            (ys[:, None] >= t[..., 0]) & (ys[:, None] < t[..., 2])
+            & (xs[None, :] >= t[..., 1]) & (xs[None, :] < t[..., 3])
+        )
+    return inside.any(axis=1)
+
+
+def peak_locations(maps: np.ndarray) -> np.ndarray:
+    """(..., 2) integer (row, col) of each map's maximum (the first in row-major order)."""
+    height, width = maps.shape[-2:]
+    flat_index = maps.reshape(maps.shape[:-2] + (-1,)).argmax(axis=-1)
+    return np.stack(np.unravel_index(flat_index, (height, width)), axis=-1)
+
+
+def _per_image(truth_mask: np.ndarray, ndim: int) -> np.ndarray:
+    """(N, H, W) -> (N, 1.., H, W) to broadcast against (N, ..., H, W) maps."""
+    return truth_mask.reshape(truth_mask.shape[:1] + (1,) * (ndim - 3) + truth_mask.shape[1:])
+
+
+def pointing_game(maps: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """1.0 where the map's peak pixel (centre) lies in a ground-truth box, else 0.0.
+
+    maps: (N, ..., H, W); truth: (N, B, 4). NaN for images without boxes.
+    """
+    inside = _per_image(in_boxes_mask(truth, maps.shape[-2:]), maps.ndim)
+    peaks = peak_locations(maps)
+    inside = np.broadcast_to(inside, maps.shape)
+    hit = np.take_along_axis(
+        inside.reshape(maps.shape[:-2] + (-1,)),
+        (peaks[..., 0] * maps.shape[-1] + peaks[..., 1])[..., None],
+        axis=-1,
+    )[..., 0]
+    has_gt = ~np.isnan(truth[:, :, 0]).all(axis=1)
+    return np.where(has_gt.reshape(has_gt.shape + (1,) * (maps.ndim - 3)), hit.astype(float), np.nan)
+
+
+def energy_in_boxes(maps: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Share of the map's positive mass inside the ground-truth boxes (Score-CAM's
+    energy-based pointing game). maps: (N, ..., H, W); truth: (N, B, 4).
+
+    NaN for images without boxes; 0 for a map with no positive mass.
+    """
+    inside = _per_image(in_boxes_mask(truth, maps.shape[-2:]), maps.ndim)
+    positive = np.clip(maps, 0, None)
+    total = positive.sum(axis=(-2, -1))
+    within = (positive * inside).sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, within / total, 0.0)
+    has_gt = ~np.isnan(truth[:, :, 0]).all(axis=1)
+    return np.where(has_gt.reshape(has_gt.shape + (1,) * (maps.ndim - 3)), share, np.nan)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of broadcastable (..., H, W) maps over H, W; NaN if either is constant."""
+    a = a - a.mean(axis=(-2, -1), keepdims=True)
+    b = b - b.mean(axis=(-2, -1), keepdims=True)
+    numerator = (a * b).sum(axis=(-2, -1))
+    denominator = np.sqrt((a * a).sum(axis=(-2, -1)) * (b * b).sum(axis=(-2, -1)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / denominator, np.nan)
