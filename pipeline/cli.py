@@ -1,6 +1,7 @@
 """The ``cam-pipeline`` command (also ``python -m pipeline``).
 
     cam-pipeline run [--input ...] [--model ...] [--output ...] [spiking options] [Beam options]
+    cam-pipeline report STORE [--json]
     cam-pipeline sample [--out DIR]
 
 Arguments that ``run`` does not know are passed to Beam (``--runner``,
@@ -76,6 +77,9 @@ def _add_run_parser(commands) -> None:
                        help="ground-truth boxes kept per image; an image with more fails (default: 8)")
     store.add_argument("--images-per-chunk", type=_positive_int,
                        help="zarr chunk size along image (default: about 8 MB of cam per chunk)")
+    stats = run.add_argument_group("statistics")
+    stats.add_argument("--cam-threshold", type=float, default=0.2,
+                       help="CAM-paper box: keep pixels >= this fraction of the map's maximum (default: 0.2)")
 
 
 def _settings(args: argparse.Namespace) -> SpikingSettings:
@@ -98,6 +102,10 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="cam-pipeline", description=__doc__.splitlines()[0])
     commands = main.add_subparsers(dest="command", required=True)
     _add_run_parser(commands)
+    report = commands.add_parser("report", help="print a store's dataset-level statistics")
+    report.add_argument("store", help="a store written by cam-pipeline run")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+    report.add_argument("--every", type=_positive_int, default=1, help="show every N-th step (default: 1)")
     sample = commands.add_parser("sample", help="regenerate the shipped sample dataset and model")
     sample.add_argument("--out", default=None, help="directory to write (default: the shipped sample's)")
     sample.add_argument("--n-test", type=_positive_int, default=300, help="test images (default: 300)")
@@ -121,6 +129,7 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
             max_boxes=args.max_boxes,
             images_per_chunk=args.images_per_chunk,
             overwrite=args.overwrite,
+            cam_threshold=args.cam_threshold,
         )
         ds = execute(request, beam_args)
     except (RequestError, ValueError) as err:
@@ -147,4 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, extra)
     if extra:
         parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "report":
+        from pipeline.report import report
+
+        print(report(args.store, args.json, args.every))
+        return 0
     return _sample(args)

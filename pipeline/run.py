@@ -19,7 +19,9 @@ from pipeline.graph import build_pipeline
 from transforms.cam_chunks import ChunkJob
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.records import InputDataset, InputError, limit_files, open_input
-from transforms.spiking import SpikingSettings
+from transforms.spiking import SpikingSettings, convert
+from transforms.statistics import StatisticsSettings
+from transforms.summary import write_summary
 from transforms.store import (
     STATUS_DONE,
     STATUS_FAILED,
@@ -52,6 +54,7 @@ class RunRequest:
     max_boxes: int = 8
     images_per_chunk: int | None = None
     overwrite: bool = False
+    cam_threshold: float = 0.2
 
 
 def _sha256(path: str) -> str:
@@ -82,6 +85,9 @@ def run_attrs(request: RunRequest, head: CamHead, dataset: InputDataset, layout:
         "probe_synapse": "none" if s.probe_synapse is None else s.probe_synapse,
         "scale_firing_rates": s.scale_firing_rates,
         "batch_size": s.batch_size,
+        "cam_threshold": request.cam_threshold,
+        "cam_upsampling": "bilinear, half-pixel centres (as tf.image.resize), to the model input size",
+        "iou_localized": 0.5,
         "dataset": {k: str(v) for k, v in dataset.description.items()},
         "dataset_files": [f.path for f in dataset.files],
         "n_images": layout.n_images,
@@ -99,8 +105,12 @@ def prepare(request: RunRequest) -> tuple[InputDataset, ChunkJob, xr.Dataset]:
         raise RequestError(f"{request.output}: already exists; pass --overwrite to replace it")
     if not os.path.isfile(request.model):
         raise RequestError(f"{request.model}: no such model file")
+    if not 0 < request.cam_threshold <= 1:
+        raise RequestError(f"--cam-threshold must be in (0, 1], got {request.cam_threshold}")
     try:
-        head = find_cam_head(load_keras_model(request.model), request.model)
+        model = load_keras_model(request.model)
+        head = find_cam_head(model, request.model)
+        neuron_layers = convert(model, head, request.settings).neuron_layers
         dataset = open_input(request.input, request.split)
     except (InputError, ValueError) as err:
         raise RequestError(str(err)) from err
@@ -122,11 +132,13 @@ def prepare(request: RunRequest) -> tuple[InputDataset, ChunkJob, xr.Dataset]:
         max_boxes=request.max_boxes,
         images_per_chunk=request.images_per_chunk or chunk_size_for(head, s.n_steps, s.batch_size),
     )
+    statistics = StatisticsSettings(size=head.input_shape[:2], threshold=request.cam_threshold)
     ids, files, records = dataset.record_table()
     template = build_template(
-        layout, head, ids, files, records, class_names, run_attrs(request, head, dataset, layout)
+        layout, head, ids, files, records, class_names, neuron_layers, statistics.thresholds,
+        run_attrs(request, head, dataset, layout),
     )
-    job = ChunkJob(os.path.abspath(request.model), s, dataset.decoder, layout)
+    job = ChunkJob(os.path.abspath(request.model), s, dataset.decoder, layout, statistics)
     return dataset, job, template
 
 
@@ -148,6 +160,7 @@ def execute(request: RunRequest, beam_args: list[str]) -> xr.Dataset:
     log.info("store %s set up for %d images; running Beam", request.output, job.layout.n_images)
     with beam.Pipeline(options=beam_options(beam_args)) as p:
         build_pipeline(p, dataset.files, job, template, request.output)
+    write_summary(request.output)
     return xr.open_zarr(request.output)
 
 

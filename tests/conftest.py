@@ -68,12 +68,19 @@ def keras_reference(sample_images) -> dict[str, np.ndarray]:
     from transforms.nengo_shim import tf_keras
 
     model = tf_keras.models.load_model(str(SAMPLE_MODEL), compile=False)
-    features_model = tf_keras.Model(model.input, [model.get_layer("conv4").output, model.output])
+    convs = [model.get_layer(f"conv{i}").output for i in range(1, 5)]
+    features_model = tf_keras.Model(model.input, convs + [model.output])
     x = sample_images["image"].astype(np.float32) / 255.0
-    features, logits = features_model.predict(x, verbose=0)
+    *activations, logits = features_model.predict(x, verbose=0)
     weights, bias = model.get_layer("logits").get_weights()
-    cams = np.einsum("nyxc,ck->nkyx", features.astype(np.float64), weights)
-    return {"cam": cams, "logits": logits, "weights": weights, "bias": bias}
+    cams = np.einsum("nyxc,ck->nkyx", activations[-1].astype(np.float64), weights)
+    return {
+        "cam": cams,
+        "logits": logits,
+        "weights": weights,
+        "bias": bias,
+        "activation_means": np.stack([a.mean(axis=(1, 2, 3)) for a in activations], axis=1),
+    }
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -14,7 +14,7 @@ def test_finds_the_head_of_the_shipped_model():
     model = load_keras_model(SAMPLE_MODEL)
     head = find_cam_head(model)
     assert (head.feature_layer, head.dense_layer) == ("conv4", "logits")
-    assert head.feature_shape == (8, 8, 64)
+    assert head.feature_shape == (16, 16, 64)
     assert head.input_shape == (64, 64, 1)
     weights, bias = model.get_layer("logits").get_weights()
     np.testing.assert_array_equal(head.weights, weights)

@@ -84,10 +84,11 @@ def test_store_opens_in_a_fresh_process_with_the_store_md_interface(spiking_stor
     )
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info["dims"] == {
-        "image": N_IMAGES, "class": 10, "timestep": 12, "y": 8, "x": 8, "channel": 64, "box": 8, "coord": 4,
+        "image": N_IMAGES, "class": 10, "timestep": 12, "y": 16, "x": 16, "channel": 64, "box": 8, "coord": 4,
+        "axis": 2, "layer": 4, "threshold": 100,
     }
     assert {"image", "image_id", "class", "timestep", "time", "y", "x", "channel"} <= set(info["coords"])
-    assert info["variables"] == {
+    required = {
         "cam": ["image", "class", "timestep", "y", "x"],
         "cam_reference": ["image", "class", "y", "x"],
         "logits": ["image", "timestep", "class"],
@@ -99,6 +100,10 @@ def test_store_opens_in_a_fresh_process_with_the_store_md_interface(spiking_stor
         "dense_weights": ["channel", "class"],
         "dense_bias": ["class"],
     }
+    assert {name: info["variables"][name] for name in required} == required
+    from transforms.store import PER_IMAGE, SUMMARY
+
+    assert set(info["variables"]) == set(required) | set(PER_IMAGE) | set(SUMMARY)
     assert info["classes"] == LABEL_NAMES
     np.testing.assert_allclose(info["time"], (np.arange(12) + 1) * 0.001)
     for key in ("model_file", "model_sha256", "neuron", "n_steps", "dt", "synapse", "probe_synapse",

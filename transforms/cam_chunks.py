@@ -22,6 +22,7 @@ from transforms.cam import class_activation_maps
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.records import ExampleDecoder, TfdsDecoder, to_model_input
 from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
+from transforms.statistics import StatisticsSettings, image_statistics
 from transforms.store import (
     STATUS_DONE,
     STATUS_FAILED,
@@ -37,12 +38,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ChunkJob:
-    """Everything a worker needs, picklable: the model file, how to simulate and decode."""
+    """Everything a worker needs, picklable: the model file, how to simulate, decode and
+    summarize."""
 
     model_path: str
     settings: SpikingSettings
     decoder: TfdsDecoder | ExampleDecoder
     layout: StoreLayout
+    statistics: StatisticsSettings
 
 
 def check_example(label: int, boxes: np.ndarray, n_classes: int, max_boxes: int) -> None:
@@ -108,13 +111,22 @@ class ComputeCamChunk(beam.DoFn):
     def _compute(self, images: np.ndarray, rows: np.ndarray, arrays: dict) -> None:
         weights = self._head.weights
         with self._networks.lock:
-            features, logits = self._networks.spiking.run(images)
+            features, logits, rates = self._networks.spiking.run(images)
             reference_features, reference_logits = self._networks.reference.run(images)
         # (n, T, K, h, w) -> (n, K, T, h, w)
-        arrays["cam"][rows] = np.moveaxis(class_activation_maps(features, weights), 2, 1)
+        cam = np.moveaxis(class_activation_maps(features, weights), 2, 1)
+        cam_reference = class_activation_maps(reference_features, weights)
+        arrays["cam"][rows] = cam
         arrays["logits"][rows] = logits
-        arrays["cam_reference"][rows] = class_activation_maps(reference_features, weights)
+        arrays["cam_reference"][rows] = cam_reference
         arrays["logits_reference"][rows] = reference_logits
+        arrays["firing_rate"][rows] = np.swapaxes(rates, 1, 2)
+        statistics = image_statistics(
+            cam, cam_reference, logits, reference_logits,
+            arrays["label"][rows], arrays["boxes"][rows], self._job.statistics,
+        )
+        for name, values in statistics.items():
+            arrays[name][rows] = values
         arrays["status"][rows] = STATUS_DONE
 
 

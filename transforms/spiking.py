@@ -77,8 +77,83 @@ class ReferenceNetwork:
         return features, logits
 
 
+@dataclass(frozen=True)
+class ConvertedNetwork:
+    """A Keras CAM model converted to a nengo network, with the probes the pipeline reads.
+
+    neuron_layers: names of the Keras layers that became neuron populations, in order;
+    rate_probes: one per neuron layer, its mean firing rate (Hz) at each step.
+    """
+
+    net: nengo.Network
+    input: nengo.Node
+    logits_probe: nengo.Probe
+    feature_probe: nengo.Probe
+    neuron_layers: tuple[str, ...]
+    rate_probes: tuple[nengo.Probe, ...]
+
+
+def convert(model: tf_keras.Model, head: CamHead, settings: SpikingSettings) -> ConvertedNetwork:
+    """Convert the model's input -> logits path with NengoDL and add the pipeline's probes.
+
+    Every ReLU becomes ``settings.neuron``; the network's seed is fixed (nengo draws initial
+    neuron states, e.g. spiking-ReLU voltages uniform in [0, 1), from the global RNG when
+    the network has none, so every worker would start its neurons differently).
+    """
+    submodel = cam_model(model, head)
+    logits_model = tf_keras.Model(submodel.inputs[0], submodel.outputs[1])
+    neuron = NEURON_TYPES[settings.neuron]()
+    with warnings.catch_warnings():
+        # Both spellings of ReLU are swapped; a model uses one of them.
+        warnings.filterwarnings("ignore", "swap_activations contained")
+        converter = nengo_dl.Converter(
+            logits_model,
+            swap_activations={tf_keras.activations.relu: neuron, tf.nn.relu: neuron},
+            scale_firing_rates=settings.scale_firing_rates,
+            synapse=_lowpass(settings.synapse),
+            inference_only=True,
+        )
+    converter.net.seed = 0
+    feature_object = converter.layers[logits_model.get_layer(head.feature_layer)]
+    with converter.net:
+        feature_probe = nengo.Probe(
+            feature_object, synapse=_lowpass(settings.probe_synapse), label="features"
+        )
+        neuron_layers, rate_probes = _probe_firing_rates(converter, logits_model)
+    return ConvertedNetwork(
+        converter.net,
+        converter.inputs[logits_model.inputs[0]],
+        converter.outputs[logits_model.outputs[0]],
+        feature_probe,
+        neuron_layers,
+        rate_probes,
+    )
+
+
+def _probe_firing_rates(converter, model: tf_keras.Model) -> tuple[tuple[str, ...], tuple]:
+    """Probe each neuron layer's mean firing rate (Hz) at every step.
+
+    A neuron's output is ``amplitude * rate`` (spikes: ``amplitude * n_spikes / dt``), so
+    one summing connection with weights ``1 / (n * amplitude)`` gives the layer's mean
+    rate in spikes per second per neuron, without probing every neuron.
+    """
+    names, probes = [], []
+    for layer in model.layers:
+        neurons = converter.layers[layer]
+        if not isinstance(neurons, nengo.ensemble.Neurons):
+            continue
+        n, amplitude = neurons.size_out, neurons.ensemble.neuron_type.amplitude
+        mean_rate = nengo.Node(size_in=1, label=f"rate_{layer.name}")
+        nengo.Connection(
+            neurons, mean_rate, transform=np.full((1, n), 1.0 / (n * amplitude)), synapse=None
+        )
+        names.append(layer.name)
+        probes.append(nengo.Probe(mean_rate, synapse=None))
+    return tuple(names), tuple(probes)
+
+
 class SpikingNetwork:
-    """A NengoDL simulator of the model, built once and reused for every batch."""
+    """A NengoDL simulator of the converted model, built once and reused for every batch."""
 
     def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings):
         self.head = head
@@ -89,34 +164,11 @@ class SpikingNetwork:
                 "expect CAMs and accuracy far from the Keras model's unless it was trained "
                 "for LIF (e.g. with nengo_dl.LIF)"
             )
-        submodel = cam_model(model, head)
-        logits_model = tf_keras.Model(submodel.inputs[0], submodel.outputs[1])
-        neuron = NEURON_TYPES[settings.neuron]()
-        with warnings.catch_warnings():
-            # Both spellings of ReLU are swapped; a model uses one of them.
-            warnings.filterwarnings("ignore", "swap_activations contained")
-            converter = nengo_dl.Converter(
-                logits_model,
-                swap_activations={tf_keras.activations.relu: neuron, tf.nn.relu: neuron},
-                scale_firing_rates=settings.scale_firing_rates,
-                synapse=_lowpass(settings.synapse),
-                inference_only=True,
-            )
-        # Fixed seed: nengo draws initial neuron states (e.g. spiking-ReLU voltages, uniform
-        # in [0, 1)) from the global RNG when the network has none, so every worker would
-        # start its neurons differently.
-        converter.net.seed = 0
-        feature_object = converter.layers[logits_model.get_layer(head.feature_layer)]
-        with converter.net:
-            self._feature_probe = nengo.Probe(
-                feature_object, synapse=_lowpass(settings.probe_synapse), label="features"
-            )
-        self._input = converter.inputs[logits_model.inputs[0]]
-        self._logits_probe = converter.outputs[logits_model.outputs[0]]
+        self.network = convert(model, head, settings)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "No GPU support detected")
             self._sim = nengo_dl.Simulator(
-                converter.net,
+                self.network.net,
                 dt=settings.dt,
                 minibatch_size=settings.batch_size,
                 progress_bar=False,
@@ -126,24 +178,29 @@ class SpikingNetwork:
     def close(self) -> None:
         self._sim.close()
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Simulate ``n_steps`` per image, in minibatches (the last one zero-padded).
 
         images: (N, H, W, C) float32, held constant over time.
-        Returns features (N, T, h, w, c) from the feature probe and logits (N, T, K).
+        Returns features (N, T, h, w, c) from the feature probe, logits (N, T, K), and the
+        mean firing rate (Hz) of each of ``neuron_layers`` at each step (N, T, L).
         """
         batch, steps = self.settings.batch_size, self.settings.n_steps
         n = len(images)
         features = np.empty((n, steps) + self.head.feature_shape, np.float32)
         logits = np.empty((n, steps, self.head.n_classes), np.float32)
+        network = self.network
+        rates = np.empty((n, steps, len(network.rate_probes)), np.float32)
         flat = images.reshape(n, 1, -1).astype(np.float32)
         for start in range(0, n, batch):
             stop = min(start + batch, n)
             x = np.zeros((batch, steps, flat.shape[-1]), np.float32)
             x[: stop - start] = flat[start:stop]
-            out = self._sim.predict_on_batch({self._input: x})
-            features[start:stop] = out[self._feature_probe][: stop - start].reshape(
+            out = self._sim.predict_on_batch({network.input: x})
+            features[start:stop] = out[network.feature_probe][: stop - start].reshape(
                 (stop - start, steps) + self.head.feature_shape
             )
-            logits[start:stop] = out[self._logits_probe][: stop - start]
-        return features, logits
+            logits[start:stop] = out[network.logits_probe][: stop - start]
+            for i, probe in enumerate(network.rate_probes):
+                rates[start:stop, :, i] = out[probe][: stop - start, :, 0]
+        return features, logits, rates

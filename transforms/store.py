@@ -1,8 +1,9 @@
 """The output store's layout (see ``shared/STORE.md``): its template and its chunks.
 
-The template declares every variable up front and holds the values known before any
-image is processed (coordinates, Dense weights); it is written once by the launcher.
-Workers then write whole chunks of ``images_per_chunk`` images along ``image``.
+Every variable is declared here, once (``VARIABLES``). The template holds the values
+known before any image is processed (coordinates, Dense weights) and declares the rest;
+the launcher writes it once. Workers then write whole chunks of ``images_per_chunk``
+images of the per-image variables; the launcher writes the dataset-level summary last.
 """
 
 from __future__ import annotations
@@ -18,18 +19,111 @@ from transforms.model_head import CamHead
 
 STATUS_NEVER_WRITTEN, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 BOX_COORDS = ("ymin", "xmin", "ymax", "xmax")
+STRING = np.dtypes.StringDType()
 
-# Variables written by the workers, chunk by chunk along ``image``.
-CHUNKED_VARIABLES = (
-    "cam",
-    "cam_reference",
-    "logits",
-    "logits_reference",
-    "label",
-    "boxes",
-    "status",
-    "error",
-)
+
+@dataclass(frozen=True)
+class Variable:
+    """A store variable: dims, dtype, fill value (what "not computed" reads as), meaning."""
+
+    dims: tuple[str, ...]
+    dtype: object
+    fill: object
+    description: str
+    units: str = ""
+
+
+F32, I32 = np.float32, np.int32
+_CAM = ("image", "class", "timestep")
+_FLAG = "1.0 or 0.0; NaN where undefined"
+
+# Per-image variables, written by the workers chunk by chunk (``image`` comes first).
+PER_IMAGE = {
+    "cam": Variable(_CAM + ("y", "x"), F32, np.nan, "class activation map: sum over channels of "
+                    "Dense weight times the (probe-synapse filtered) feature map at each step; signed, no bias"),
+    "cam_reference": Variable(("image", "class", "y", "x"), F32, np.nan,
+                              "the same map from the non-spiking Keras model"),
+    "logits": Variable(("image", "timestep", "class"), F32, np.nan,
+                       "the spiking network's Dense output at each step"),
+    "logits_reference": Variable(("image", "class"), F32, np.nan, "the Keras model's Dense output"),
+    "label": Variable(("image",), I32, -1, "ground-truth class index, -1 where the record has none"),
+    "boxes": Variable(("image", "box", "coord"), F32, np.nan,
+                      "ground-truth boxes (ymin, xmin, ymax, xmax) in [0, 1], NaN padding"),
+    "status": Variable(("image",), np.uint8, STATUS_NEVER_WRITTEN, "0 never written, 1 done, 2 failed (see error)"),
+    "error": Variable(("image",), STRING, "", "why the image failed; empty when it did not"),
+    "firing_rate": Variable(("image", "layer", "timestep"), F32, np.nan,
+                            "mean firing rate of each neuron layer at each step", "Hz"),
+    # Localization of each class's map (CAM paper): upsampled, thresholded, largest blob.
+    "cam_box": Variable(_CAM + ("coord",), F32, np.nan,
+                        "box of the largest connected region >= cam_threshold * max of the "
+                        "upsampled CAM, normalized (ymin, xmin, ymax, xmax); NaN if the map has no positive value"),
+    "cam_iou": Variable(_CAM, F32, np.nan, "IoU of cam_box with the best-matching ground-truth box; "
+                        "0 if no cam_box; NaN if the image has no boxes"),
+    "cam_localized": Variable(_CAM, F32, np.nan, f"cam_iou >= 0.5: {_FLAG}"),
+    "cam_pointing": Variable(_CAM, F32, np.nan, f"the upsampled CAM's peak pixel lies in a ground-truth box: {_FLAG}"),
+    "cam_energy": Variable(_CAM, F32, np.nan, "share of the upsampled CAM's positive mass inside the "
+                           "ground-truth boxes; 0 if it has none; NaN if the image has no boxes"),
+    "cam_peak": Variable(_CAM + ("axis",), F32, np.nan, "centre of the upsampled CAM's peak pixel (y, x)", "pixel"),
+    "cam_corr_reference": Variable(_CAM, F32, np.nan, "Pearson correlation of cam with cam_reference "
+                                   "(feature-map grid); NaN if either is constant"),
+    "cam_corr_last": Variable(_CAM, F32, np.nan, "Pearson correlation of cam with cam at the last step"),
+    "cam_box_reference": Variable(("image", "class", "coord"), F32, np.nan, "cam_box of cam_reference"),
+    "cam_iou_reference": Variable(("image", "class"), F32, np.nan, "cam_iou of cam_reference"),
+    "cam_localized_reference": Variable(("image", "class"), F32, np.nan, "cam_localized of cam_reference"),
+    "cam_pointing_reference": Variable(("image", "class"), F32, np.nan, "cam_pointing of cam_reference"),
+    "cam_energy_reference": Variable(("image", "class"), F32, np.nan, "cam_energy of cam_reference"),
+    "cam_peak_reference": Variable(("image", "class", "axis"), F32, np.nan, "cam_peak of cam_reference", "pixel"),
+    # Per image, over time.
+    "predicted_class": Variable(("image", "timestep"), I32, -1, "argmax of logits at each step"),
+    "predicted_class_reference": Variable(("image",), I32, -1, "argmax of logits_reference"),
+    "top1_correct": Variable(("image", "timestep"), F32, np.nan, f"predicted_class == label: {_FLAG}"),
+    "top1_correct_reference": Variable(("image",), F32, np.nan, "top1_correct of the Keras model"),
+    "top1_localized": Variable(("image", "timestep"), F32, np.nan,
+                               f"top-1 class right and its cam_iou >= 0.5: {_FLAG}"),
+    "top1_localized_reference": Variable(("image",), F32, np.nan, "top1_localized of the Keras model"),
+    "top5_localized": Variable(("image", "timestep"), F32, np.nan,
+                               f"label among the top 5 classes and its cam_iou >= 0.5: {_FLAG}"),
+    "top5_localized_reference": Variable(("image",), F32, np.nan, "top5_localized of the Keras model"),
+    "prediction_settled_step": Variable(("image",), I32, -1,
+                                        "first step from which predicted_class no longer changes"),
+    "localization_settled_step": Variable(("image",), F32, np.nan,
+                                          "first step from which the top-1 class's cam_iou stays >= 0.5; "
+                                          "-1 if not at the last step; NaN if the image has no boxes"),
+    "max_box_hits": Variable(("image", "threshold"), F32, np.nan,
+                             "the true class's min-max normalized CAM at the last step, boxed at each "
+                             f"threshold, has IoU >= 0.5 (for MaxBoxAcc): {_FLAG}"),
+    "max_box_hits_reference": Variable(("image", "threshold"), F32, np.nan, "max_box_hits of cam_reference"),
+}
+
+_IMAGES = "over done images"
+_BOXED = "over done images with a label and boxes"
+# Dataset-level summaries, written by the launcher after the workers.
+SUMMARY = {
+    "accuracy": Variable(("timestep",), F32, np.nan, f"top-1 accuracy at each step, {_IMAGES} with a label"),
+    "accuracy_reference": Variable((), F32, np.nan, "top-1 accuracy of the Keras model"),
+    "top1_localization": Variable(("timestep",), F32, np.nan, f"mean of top1_localized, {_BOXED}"),
+    "top1_localization_reference": Variable((), F32, np.nan, "top1_localization of the Keras model"),
+    "top5_localization": Variable(("timestep",), F32, np.nan, f"mean of top5_localized, {_BOXED}"),
+    "top5_localization_reference": Variable((), F32, np.nan, "top5_localization of the Keras model"),
+    "mean_iou": Variable(("timestep",), F32, np.nan, f"mean cam_iou of the true class, {_BOXED}"),
+    "mean_iou_reference": Variable((), F32, np.nan, "mean_iou of cam_reference"),
+    "pointing_accuracy": Variable(("timestep",), F32, np.nan, f"mean cam_pointing of the true class, {_BOXED}"),
+    "pointing_accuracy_reference": Variable((), F32, np.nan, "pointing_accuracy of cam_reference"),
+    "mean_energy_in_boxes": Variable(("timestep",), F32, np.nan, f"mean cam_energy of the true class, {_BOXED}"),
+    "mean_energy_in_boxes_reference": Variable((), F32, np.nan, "mean_energy_in_boxes of cam_reference"),
+    "mean_corr_reference": Variable(("timestep",), F32, np.nan,
+                                    f"mean cam_corr_reference of the true class, {_IMAGES} with a label"),
+    "box_accuracy": Variable(("threshold",), F32, np.nan, f"mean max_box_hits at each threshold, {_BOXED}"),
+    "box_accuracy_reference": Variable(("threshold",), F32, np.nan, "box_accuracy of cam_reference"),
+    "max_box_acc": Variable((), F32, np.nan, "MaxBoxAcc at the last step: the best box_accuracy"),
+    "max_box_acc_threshold": Variable((), F32, np.nan, "the threshold giving max_box_acc"),
+    "max_box_acc_reference": Variable((), F32, np.nan, "MaxBoxAcc of cam_reference"),
+    "max_box_acc_threshold_reference": Variable((), F32, np.nan, "the threshold giving max_box_acc_reference"),
+    "mean_firing_rate": Variable(("layer", "timestep"), F32, np.nan, f"mean firing_rate, {_IMAGES}", "Hz"),
+}
+
+CHUNKED_VARIABLES = tuple(PER_IMAGE)
+LAZY_VARIABLES = CHUNKED_VARIABLES + tuple(SUMMARY)
 
 
 @dataclass(frozen=True)
@@ -61,79 +155,58 @@ def build_template(
     source_files: list[str],
     record_indices: np.ndarray,
     class_names: list[str],
+    neuron_layers: tuple[str, ...],
+    thresholds: np.ndarray,
     attrs: dict,
 ) -> xr.Dataset:
-    """The store's template: lazy (dask) variables for what workers write, values for the rest."""
-    n, t, k = layout.n_images, layout.n_steps, head.n_classes
+    """The store's template: lazy (dask) variables for what is computed, values for the rest."""
     height, width, channels = head.feature_shape
     in_height, in_width, _ = head.input_shape
-
-    def empty(shape: tuple[int, ...], dtype, fill) -> np.ndarray:
-        return np.full(shape, fill, dtype=dtype)
-
-    dims_cam = ("image", "class", "timestep", "y", "x")
+    sizes = {
+        "image": layout.n_images, "class": head.n_classes, "timestep": layout.n_steps,
+        "y": height, "x": width, "box": layout.max_boxes, "coord": 4, "axis": 2,
+        "layer": len(neuron_layers), "threshold": len(thresholds),
+    }
+    data = {
+        name: (v.dims, np.full(tuple(sizes[d] for d in v.dims), v.fill, dtype=v.dtype))
+        for name, v in (PER_IMAGE | SUMMARY).items()
+    }
+    data["dense_weights"] = (("channel", "class"), head.weights)
+    data["dense_bias"] = (("class",), head.bias)
     ds = xr.Dataset(
-        {
-            "cam": (dims_cam, empty((n, k, t, height, width), np.float32, np.nan)),
-            "cam_reference": (
-                ("image", "class", "y", "x"),
-                empty((n, k, height, width), np.float32, np.nan),
-            ),
-            "logits": (("image", "timestep", "class"), empty((n, t, k), np.float32, np.nan)),
-            "logits_reference": (("image", "class"), empty((n, k), np.float32, np.nan)),
-            "label": (("image",), empty((n,), np.int32, -1)),
-            "boxes": (
-                ("image", "box", "coord"),
-                empty((n, layout.max_boxes, 4), np.float32, np.nan),
-            ),
-            "status": (("image",), empty((n,), np.uint8, STATUS_NEVER_WRITTEN)),
-            "error": (("image",), empty((n,), np.dtypes.StringDType(), "")),
-            "dense_weights": (("channel", "class"), head.weights),
-            "dense_bias": (("class",), head.bias),
-        },
+        data,
         coords={
-            "image": np.arange(n, dtype=np.int64),
+            "image": np.arange(layout.n_images, dtype=np.int64),
             "image_id": ("image", np.asarray(image_ids, dtype=object)),
             "source_file": ("image", np.asarray(source_files, dtype=object)),
             "record_index": ("image", np.asarray(record_indices, dtype=np.int64)),
             "class": np.asarray(class_names, dtype=object),
-            "timestep": np.arange(t, dtype=np.int64),
-            "time": ("timestep", (np.arange(t) + 1) * layout.dt),
+            "timestep": np.arange(layout.n_steps, dtype=np.int64),
+            "time": ("timestep", (np.arange(layout.n_steps) + 1) * layout.dt),
             "y": grid_centres(in_height, height),
             "x": grid_centres(in_width, width),
             "channel": np.arange(channels, dtype=np.int64),
             "box": np.arange(layout.max_boxes, dtype=np.int64),
             "coord": np.asarray(BOX_COORDS, dtype=object),
+            "axis": np.asarray(["y", "x"], dtype=object),
+            "layer": np.asarray(neuron_layers, dtype=object),
+            "threshold": np.asarray(thresholds, dtype=np.float64),
         },
         attrs=attrs,
     )
-    _describe(ds)
-    return xbeam.make_template(ds, lazy_vars=CHUNKED_VARIABLES)
-
-
-def _describe(ds: xr.Dataset) -> None:
-    descriptions = {
-        "cam": ("class activation map: sum over channels of Dense weight times the "
-                "(probe-synapse filtered) feature map at each step; signed, no bias", "1"),
-        "cam_reference": ("the same map from the non-spiking Keras model", "1"),
-        "logits": ("the spiking network's Dense output at each step", "1"),
-        "logits_reference": ("the non-spiking Keras model's Dense output", "1"),
-        "label": ("ground-truth class index, -1 where the record has none", "1"),
-        "boxes": ("ground-truth boxes (ymin, xmin, ymax, xmax) in [0, 1], NaN padding", "1"),
-        "status": ("0 never written, 1 done, 2 failed (see error)", "1"),
-        "error": ("why the image failed; empty when it did not", ""),
-        "dense_weights": ("weights of the Dense layer after global average pooling", "1"),
-        "dense_bias": ("bias of that Dense layer, zeros where it has none", "1"),
-        "time": ("simulated time at the end of each step: (step + 1) * dt", "s"),
-        "y": ("centre of each feature-map row, in input pixels", "pixel"),
-        "x": ("centre of each feature-map column, in input pixels", "pixel"),
-    }
-    for name, (text, units) in descriptions.items():
-        ds[name].attrs["description"] = text
-        if units:
-            ds[name].attrs["units"] = units
+    for name, v in (PER_IMAGE | SUMMARY).items():
+        ds[name].attrs["description"] = v.description
+        if v.units:
+            ds[name].attrs["units"] = v.units
     ds["status"].attrs["flag_values"] = [0, 1, 2]
     ds["status"].attrs["flag_meanings"] = "never_written done failed"
+    ds["dense_weights"].attrs["description"] = "weights of the Dense layer after global average pooling"
+    ds["dense_bias"].attrs["description"] = "bias of that Dense layer, zeros where it has none"
+    ds["time"].attrs.update(description="simulated time at the end of each step: (step + 1) * dt", units="s")
+    for axis in ("y", "x"):
+        ds[axis].attrs.update(description=f"centre of each feature-map cell along {axis}, in input pixels",
+                              units="pixel")
+    return xbeam.make_template(ds, lazy_vars=LAZY_VARIABLES)
 
 
 def zarr_chunks(layout: StoreLayout) -> dict[str, int]:
@@ -152,14 +225,11 @@ def chunk_bounds(chunk_index: int, layout: StoreLayout) -> tuple[int, int]:
 
 
 def empty_chunk(template: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Fill-value arrays for the chunked variables of images [start, stop)."""
-    arrays = {}
-    for name in CHUNKED_VARIABLES:
-        var = template[name]
-        shape = (stop - start,) + var.shape[1:]
-        fill = {"label": -1, "status": STATUS_NEVER_WRITTEN, "error": ""}.get(name, np.nan)
-        arrays[name] = np.full(shape, fill, dtype=var.dtype)
-    return arrays
+    """Fill-value arrays for the per-image variables of images [start, stop)."""
+    return {
+        name: np.full((stop - start,) + template[name].shape[1:], v.fill, dtype=v.dtype)
+        for name, v in PER_IMAGE.items()
+    }
 
 
 def chunk_dataset(template: xr.Dataset, arrays: dict[str, np.ndarray]) -> xr.Dataset:

@@ -1,0 +1,89 @@
+"""Dataset-level statistics, computed from the per-image variables of a store.
+
+Read from the store (not accumulated by workers), so a resumed run or a re-summary gives
+the same numbers, and accumulated in float64 numpy in image order, so they do not depend
+on chunking or worker count.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import xarray as xr
+
+from transforms.store import STATUS_DONE, SUMMARY
+
+
+def _true_class(ds: xr.Dataset, name: str, rows: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Values of per-class variable ``name`` for (image ``rows``, class ``classes``) pairs,
+    read one image chunk at a time. Returns (len(rows), ...) float64."""
+    variable = ds[name].transpose("image", "class", ...)
+    bounds = np.cumsum((0,) + (variable.chunks[0] if variable.chunks else (variable.sizes["image"],)))
+    parts = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        inside = (rows >= start) & (rows < stop)
+        if inside.any():
+            block = variable.isel(image=slice(start, stop)).values
+            parts.append(block[rows[inside] - start, classes[inside]])
+    if not parts:
+        return np.zeros((0,) + variable.shape[2:])
+    return np.concatenate(parts).astype(np.float64)
+
+
+def _mean(values: np.ndarray) -> np.ndarray:
+    """Mean over axis 0, ignoring NaN; NaN where nothing is left."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=0) if len(values) else np.full(values.shape[1:], np.nan)
+
+
+def dataset_summary(ds: xr.Dataset) -> xr.Dataset:
+    """The SUMMARY variables of ``ds`` (see ``transforms.store``), from its per-image ones."""
+    done = ds["status"].values == STATUS_DONE
+    label = ds["label"].values
+    has_boxes = ~np.isnan(ds["boxes"].values[..., 0]).all(axis=-1)
+    labelled = np.flatnonzero(done & (label >= 0))
+    boxed = np.flatnonzero(done & (label >= 0) & has_boxes)
+
+    def mean_of(name: str, rows: np.ndarray) -> np.ndarray:
+        return _mean(ds[name].values[rows].astype(np.float64))
+
+    def true_class_mean(name: str, rows: np.ndarray) -> np.ndarray:
+        return _mean(_true_class(ds, name, rows, label[rows]))
+
+    out = {
+        "accuracy": mean_of("top1_correct", labelled),
+        "accuracy_reference": mean_of("top1_correct_reference", labelled),
+        "top1_localization": mean_of("top1_localized", boxed),
+        "top1_localization_reference": mean_of("top1_localized_reference", boxed),
+        "top5_localization": mean_of("top5_localized", boxed),
+        "top5_localization_reference": mean_of("top5_localized_reference", boxed),
+        "mean_iou": true_class_mean("cam_iou", boxed),
+        "mean_iou_reference": true_class_mean("cam_iou_reference", boxed),
+        "pointing_accuracy": true_class_mean("cam_pointing", boxed),
+        "pointing_accuracy_reference": true_class_mean("cam_pointing_reference", boxed),
+        "mean_energy_in_boxes": true_class_mean("cam_energy", boxed),
+        "mean_energy_in_boxes_reference": true_class_mean("cam_energy_reference", boxed),
+        "mean_corr_reference": true_class_mean("cam_corr_reference", labelled),
+        "box_accuracy": mean_of("max_box_hits", boxed),
+        "box_accuracy_reference": mean_of("max_box_hits_reference", boxed),
+        "mean_firing_rate": mean_of("firing_rate", np.flatnonzero(done)),
+    }
+    thresholds = ds["threshold"].values
+    for suffix in ("", "_reference"):
+        accuracy = out[f"box_accuracy{suffix}"]
+        best = int(np.argmax(accuracy)) if not np.isnan(accuracy).all() else None
+        out[f"max_box_acc{suffix}"] = np.nan if best is None else accuracy[best]
+        out[f"max_box_acc_threshold{suffix}"] = np.nan if best is None else thresholds[best]
+    return xr.Dataset(
+        {name: (SUMMARY[name].dims, np.asarray(value, np.float32)) for name, value in out.items()}
+    )
+
+
+def write_summary(store: str) -> xr.Dataset:
+    """Compute the dataset-level statistics of ``store`` and write them into it."""
+    ds = xr.open_zarr(store)
+    summary = dataset_summary(ds)
+    summary.to_zarr(store, mode="r+", consolidated=True)
+    return summary
