@@ -159,3 +159,15 @@ def test_report_table_and_json(spiking_store, capsys):
     ds = xr.open_zarr(spiking_store)
     np.testing.assert_allclose(data["per_step"]["accuracy"], ds.accuracy.values, atol=1e-4)
     assert data["done"] == ds.sizes["image"]
+
+
+def test_statistics_do_not_depend_on_chunking_or_batch_size(spiking_store, store_dir):
+    from tests.conftest import N_IMAGES
+
+    out = store_dir / "rechunked.zarr"
+    assert run_cli("--n-steps", "12", "--limit", str(N_IMAGES), "--images-per-chunk", "10",
+                   "--batch-size", "5", "--output", str(out)) == 0
+    one, other = xr.open_zarr(spiking_store).load(), xr.open_zarr(out).load()
+    assert other.cam.encoding["chunks"][0] == 10
+    for name in one.data_vars:
+        xr.testing.assert_identical(one[name], other[name])
