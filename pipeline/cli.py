@@ -1,6 +1,7 @@
 """The ``cam-pipeline`` command (also ``python -m pipeline``).
 
     cam-pipeline run [--input ...] [--model ...] [--output ...] [spiking options] [Beam options]
+    cam-pipeline verify STORE [--deep]
     cam-pipeline report STORE [--json]
     cam-pipeline sample [--out DIR]
 
@@ -17,6 +18,7 @@ import sys
 # Import first: selects tf-keras and makes nengo-dl importable.
 import transforms.nengo_shim  # noqa: F401
 from pipeline.sample import SAMPLE_DATASET, SAMPLE_MODEL
+from transforms.preprocess import SCALINGS, Preprocessing
 from transforms.spiking import NEURON_TYPES, SpikingSettings
 
 # Spiking defaults, chosen on the shipped sample (see README, "Spiking defaults").
@@ -35,6 +37,17 @@ def _synapse(text: str) -> float | str | None:
     return value
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W,C (three positive integers), got {text!r}")
+    return values
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -49,13 +62,33 @@ def _add_run_parser(commands) -> None:
         description="Unknown options are passed to Apache Beam (e.g. --runner, "
         "--direct_num_workers=2 --direct_running_mode=multi_processing).",
     )
-    run.add_argument("--input", default=str(SAMPLE_DATASET),
-                     help="tfds dataset directory, or TFRecord path/glob (default: the shipped sample)")
+    run.add_argument("--input", nargs="+", default=[str(SAMPLE_DATASET)], metavar="PATH",
+                     help="a tfds dataset directory, or TFRecord paths/globs, local or gs:// "
+                     "(default: the shipped sample)")
     run.add_argument("--split", default="test", help="tfds split to read (default: test)")
     run.add_argument("--model", default=str(SAMPLE_MODEL),
                      help="tf-keras model file ending GAP -> Dense (default: the shipped model)")
     run.add_argument("--output", default="cams.zarr", help="zarr store to write (default: cams.zarr)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    run.add_argument("--resume", action="store_true",
+                     help="finish an existing store made by the same request: compute only what is not done")
+    inputs = run.add_argument_group("input records")
+    inputs.add_argument("--image-key", default="", help="image feature (default: tfds's Image feature, "
+                        "or image/encoded in tf.train.Example records)")
+    inputs.add_argument("--label-key", default="", help="label feature (default: tfds's ClassLabel, "
+                        "or image/class/label)")
+    inputs.add_argument("--bbox-keys", default="", help="box features: tfds BBoxFeature path, or a prefix "
+                        "(+ ymin, xmin, ymax, xmax), or four comma-separated keys "
+                        "(default: image/object/bbox/)")
+    inputs.add_argument("--raw-shape", type=_shape, help="H,W,C of raw uint8 pixel images (default: from "
+                        "image/height, image/width, image/channels)")
+    prep = run.add_argument_group("preprocessing (images are matched to the model's channels and size)")
+    prep.add_argument("--scaling", choices=SCALINGS, default="unit",
+                      help="unit: pixels / 255; mean: (pixels - --mean) / --std; keras: "
+                      "tf_keras.applications.<--keras-app>.preprocess_input (default: unit)")
+    prep.add_argument("--mean", type=_floats, default=(), help="per-channel means in 0..255, e.g. 123.7,116.3,103.5")
+    prep.add_argument("--std", type=_floats, default=(), help="per-channel standard deviations in 0..255")
+    prep.add_argument("--keras-app", default="", help="e.g. vgg19, resnet50, mobilenet_v2")
     spiking = run.add_argument_group("spiking network")
     spiking.add_argument("--neuron", choices=sorted(NEURON_TYPES), default="spiking-relu",
                          help="neuron type swapped in for ReLU (relu: rate neurons; default: spiking-relu)")
@@ -102,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="cam-pipeline", description=__doc__.splitlines()[0])
     commands = main.add_subparsers(dest="command", required=True)
     _add_run_parser(commands)
+    verify = commands.add_parser("verify", help="check that a store is complete and consistent")
+    verify.add_argument("store", help="a store written by cam-pipeline run")
+    verify.add_argument("--deep", action="store_true", help="also read every chunk back")
     report = commands.add_parser("report", help="print a store's dataset-level statistics")
     report.add_argument("store", help="a store written by cam-pipeline run")
     report.add_argument("--json", action="store_true", help="machine-readable output")
@@ -120,23 +156,41 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
 
     try:
         request = RunRequest(
-            input=args.input,
+            input=tuple(args.input),
             split=args.split,
             model=args.model,
             output=args.output,
             settings=_settings(args),
+            preprocessing=Preprocessing(args.scaling, args.mean, args.std, args.keras_app),
+            feature_keys=(("image", args.image_key), ("label", args.label_key), ("bbox", args.bbox_keys)),
+            raw_shape=args.raw_shape,
             limit=args.limit,
             max_boxes=args.max_boxes,
             images_per_chunk=args.images_per_chunk,
-            overwrite=args.overwrite,
             cam_threshold=args.cam_threshold,
+            overwrite=args.overwrite,
+            resume=args.resume,
         )
+    except ValueError as err:  # invalid settings
+        print(f"cam-pipeline run: error: {err}", file=sys.stderr)
+        return 2
+    try:
         ds = execute(request, beam_args)
-    except (RequestError, ValueError) as err:
+    except RequestError as err:
         print(f"cam-pipeline run: error: {err}", file=sys.stderr)
         return 2
     print(summary(ds, args.output))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.verify import verify
+
+    problems, described = verify(args.store, args.deep)
+    for problem in problems:
+        print(f"{args.store}: {problem}", file=sys.stderr)
+    print(f"{args.store}: {'PROBLEMS' if problems else 'OK'}{': ' + described if described else ''}")
+    return 1 if problems else 0
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -156,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, extra)
     if extra:
         parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "verify":
+        return _verify(args)
     if args.command == "report":
         from pipeline.report import report
 

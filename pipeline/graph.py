@@ -2,18 +2,18 @@
 
 Records (small) are shuffled to their store chunk, so each chunk's outputs (large) are
 computed and written whole by one worker. The store's template is written before the
-pipeline runs (``xbeam.setup_zarr``); workers only write regions.
+pipeline runs (``xbeam.setup_zarr``); workers only write regions (``status`` last, so a
+chunk counts as done only once all of it is written).
 """
 
 from __future__ import annotations
 
 import apache_beam as beam
 import xarray as xr
-import xarray_beam as xbeam
 
 from transforms.cam_chunks import ChunkJob, ComputeCamChunk, key_by_chunk
 from transforms.records import InputFile, read_records
-from transforms.store import zarr_chunks
+from transforms.store import chunk_bounds, write_chunk
 
 
 def build_pipeline(
@@ -22,16 +22,23 @@ def build_pipeline(
     job: ChunkJob,
     template: xr.Dataset,
     store: str,
+    chunks: frozenset[int],
 ) -> beam.PCollection:
-    """Add the whole run to ``p``; the store must already be set up from ``template``."""
+    """Add the computation of ``chunks`` (chunk indices) to ``p``; the store must already be
+    set up from ``template``. Only files with records in those chunks are read."""
+    ranges = [chunk_bounds(c, job.layout) for c in chunks]
+    needed = tuple(
+        f for f in files
+        if f.n_records and any(f.first_index < stop and start < f.first_index + f.n_records for start, stop in ranges)
+    )
     return (
         p
-        | "ListFiles" >> beam.Create(files)
+        | "ListFiles" >> beam.Create(needed)
         | "SpreadFiles" >> beam.Reshuffle()
         | "ReadRecords" >> beam.FlatMap(read_records)
         | "KeyByChunk" >> beam.Map(key_by_chunk, layout=job.layout)
+        | "KeepChunksToDo" >> beam.Filter(lambda keyed: keyed[0] in chunks)
         | "GroupByChunk" >> beam.GroupByKey()
         | "ComputeCams" >> beam.ParDo(ComputeCamChunk(job, template))
-        | "WriteChunks"
-        >> xbeam.ChunksToZarr(store, template, zarr_chunks(job.layout), needs_setup=False)
+        | "WriteChunks" >> beam.Map(lambda keyed: write_chunk(*keyed, store=store, layout=job.layout))
     )

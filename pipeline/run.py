@@ -1,10 +1,16 @@
-"""``cam-pipeline run``: check the request, write the store's template, run Beam, summarize."""
+"""``cam-pipeline run``: check the request, write the store's template, run Beam, summarize.
+
+A new store is set up from the template before any worker starts. ``--resume`` reopens an
+existing store made with the same request and computes only the chunks not yet done
+(a chunk counts as done once its ``status`` is written, which is last).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -18,18 +24,21 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.graph import build_pipeline
 from transforms.cam_chunks import ChunkJob
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
+from transforms.preprocess import Preprocessing
 from transforms.records import InputDataset, InputError, limit_files, open_input
 from transforms.spiking import SpikingSettings, convert
 from transforms.statistics import StatisticsSettings
-from transforms.summary import write_summary
 from transforms.store import (
     STATUS_DONE,
     STATUS_FAILED,
+    STATUS_NEVER_WRITTEN,
+    FileRow,
     StoreLayout,
     build_template,
     chunk_size_for,
     zarr_chunks,
 )
+from transforms.summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +52,22 @@ class RequestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RunRequest:
-    """A checked ``run`` request (see ``pipeline.cli`` for the options)."""
+    """A ``run`` request (see ``pipeline.cli`` for the options)."""
 
-    input: str
+    input: tuple[str, ...]
     split: str
     model: str
     output: str
     settings: SpikingSettings
+    preprocessing: Preprocessing = Preprocessing()
+    feature_keys: tuple[tuple[str, str], ...] = ()  # ("image" | "label" | "bbox", key)
+    raw_shape: tuple[int, int, int] | None = None
     limit: int | None = None
     max_boxes: int = 8
     images_per_chunk: int | None = None
-    overwrite: bool = False
     cam_threshold: float = 0.2
+    overwrite: bool = False
+    resume: bool = False
 
 
 def _sha256(path: str) -> str:
@@ -70,9 +83,13 @@ def _versions() -> dict[str, str]:
 
 
 def run_attrs(request: RunRequest, head: CamHead, dataset: InputDataset, layout: StoreLayout) -> dict:
-    """The store's attributes: everything needed to know how it was made."""
+    """The store's attributes: everything needed to know how it was made.
+
+    ``request_fingerprint`` hashes what determines the store's contents; ``--resume``
+    only continues a store whose fingerprint matches the new request's.
+    """
     s = request.settings
-    return {
+    attrs = {
         "title": "Per-timestep class activation maps of a spiking (NengoDL) CNN",
         "model_file": os.path.abspath(request.model),
         "model_sha256": _sha256(request.model),
@@ -91,18 +108,38 @@ def run_attrs(request: RunRequest, head: CamHead, dataset: InputDataset, layout:
         "dataset": {k: str(v) for k, v in dataset.description.items()},
         "dataset_files": [f.path for f in dataset.files],
         "n_images": layout.n_images,
+        "max_boxes": layout.max_boxes,
         "images_per_chunk": layout.images_per_chunk,
         "limit": "none" if request.limit is None else request.limit,
-        "preprocessing": "decode to uint8, match channels (gray<->RGB by luminance), "
-        "bilinear resize to the model input, scale to [0, 1]",
+        "preprocessing": request.preprocessing.describe(),
         "package_versions": _versions(),
     }
+    # batch_size does not change any result (tests check it), so it may differ on resume.
+    content = {k: v for k, v in attrs.items() if k not in ("batch_size", "package_versions")}
+    content["files"] = [dataclasses.astuple(f) for f in dataset.files]
+    attrs["request_fingerprint"] = hashlib.sha256(
+        json.dumps(content, sort_keys=True, default=str).encode()
+    ).hexdigest()
+    return attrs
 
 
-def prepare(request: RunRequest) -> tuple[InputDataset, ChunkJob, xr.Dataset]:
-    """Check the request and build the template; RequestError before any work."""
-    if os.path.exists(request.output) and not request.overwrite:
-        raise RequestError(f"{request.output}: already exists; pass --overwrite to replace it")
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    dataset: InputDataset
+    job: ChunkJob
+    template: xr.Dataset
+
+
+def prepare(request: RunRequest) -> PreparedRun:
+    """Check the request, list the input and build the template; RequestError before any work."""
+    exists = os.path.exists(request.output)
+    if request.overwrite and request.resume:
+        raise RequestError("--overwrite and --resume exclude each other")
+    if exists and not (request.overwrite or request.resume):
+        raise RequestError(f"{request.output}: already exists; pass --overwrite to replace it "
+                           "or --resume to finish it")
+    if request.resume and not exists:
+        raise RequestError(f"{request.output}: nothing to resume (no such store)")
     if not os.path.isfile(request.model):
         raise RequestError(f"{request.model}: no such model file")
     if not 0 < request.cam_threshold <= 1:
@@ -111,18 +148,21 @@ def prepare(request: RunRequest) -> tuple[InputDataset, ChunkJob, xr.Dataset]:
         model = load_keras_model(request.model)
         head = find_cam_head(model, request.model)
         neuron_layers = convert(model, head, request.settings).neuron_layers
-        dataset = open_input(request.input, request.split)
+        dataset = open_input(list(request.input), request.split, dict(request.feature_keys), request.raw_shape)
     except (InputError, ValueError) as err:
         raise RequestError(str(err)) from err
     if request.limit is not None:
         dataset = dataclasses.replace(dataset, files=limit_files(dataset.files, request.limit))
+    for f in dataset.files:
+        if f.error:
+            log.warning("%s: %s", f.path, f.error)
     if dataset.n_records == 0:
-        raise RequestError(f"{request.input}: no records to process")
+        raise RequestError(f"{' '.join(request.input)}: no records to process")
     class_names = list(dataset.class_names or [str(k) for k in range(head.n_classes)])
     if len(class_names) != head.n_classes:
         raise RequestError(
-            f"{request.input} has {len(class_names)} label names but the model's Dense layer "
-            f"{head.dense_layer!r} has {head.n_classes} outputs"
+            f"{' '.join(request.input)} has {len(class_names)} label names but the model's Dense "
+            f"layer {head.dense_layer!r} has {head.n_classes} outputs"
         )
     s = request.settings
     layout = StoreLayout(
@@ -136,10 +176,31 @@ def prepare(request: RunRequest) -> tuple[InputDataset, ChunkJob, xr.Dataset]:
     ids, files, records = dataset.record_table()
     template = build_template(
         layout, head, ids, files, records, class_names, neuron_layers, statistics.thresholds,
+        [FileRow(f.path, f.n_records, f.error) for f in dataset.files],
         run_attrs(request, head, dataset, layout),
     )
-    job = ChunkJob(os.path.abspath(request.model), s, dataset.decoder, layout, statistics)
-    return dataset, job, template
+    job = ChunkJob(os.path.abspath(request.model), s, dataset.decoder, layout, statistics,
+                   request.preprocessing)
+    return PreparedRun(dataset, job, template)
+
+
+def chunks_to_do(store: str, template: xr.Dataset, layout: StoreLayout) -> frozenset[int]:
+    """Chunks of an existing store with an image never written; RequestError if the store
+    was made by a different request."""
+    existing = xr.open_zarr(store)
+    old, new = existing.attrs.get("request_fingerprint"), template.attrs["request_fingerprint"]
+    if old != new:
+        differing = sorted(
+            k for k in set(existing.attrs) | set(template.attrs)
+            if k not in ("request_fingerprint", "package_versions", "batch_size")
+            and existing.attrs.get(k) != template.attrs.get(k)
+        )
+        raise RequestError(
+            f"{store}: made by a different request, cannot resume it "
+            f"(differs in: {', '.join(differing) or 'the input files'}); use --overwrite"
+        )
+    status = existing["status"].values
+    return frozenset(int(i) // layout.images_per_chunk for i in np.flatnonzero(status == STATUS_NEVER_WRITTEN))
 
 
 def beam_options(beam_args: list[str]) -> PipelineOptions:
@@ -152,14 +213,22 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
 
 
 def execute(request: RunRequest, beam_args: list[str]) -> xr.Dataset:
-    """Run the whole job; return the store opened with xarray."""
-    dataset, job, template = prepare(request)
-    if os.path.exists(request.output):
-        shutil.rmtree(request.output)
-    xbeam.setup_zarr(template, request.output, zarr_chunks(job.layout))
-    log.info("store %s set up for %d images; running Beam", request.output, job.layout.n_images)
-    with beam.Pipeline(options=beam_options(beam_args)) as p:
-        build_pipeline(p, dataset.files, job, template, request.output)
+    """Run the whole job (or what a resumed one lacks); return the store opened with xarray."""
+    run = prepare(request)
+    layout = run.job.layout
+    n_chunks = -(-layout.n_images // layout.images_per_chunk)
+    if request.resume:
+        chunks = chunks_to_do(request.output, run.template, layout)
+        log.info("resuming %s: %d of %d chunks to compute", request.output, len(chunks), n_chunks)
+    else:
+        if os.path.exists(request.output):
+            shutil.rmtree(request.output)
+        xbeam.setup_zarr(run.template, request.output, zarr_chunks(layout))
+        chunks = frozenset(range(n_chunks))
+        log.info("store %s set up for %d images in %d chunks", request.output, layout.n_images, n_chunks)
+    if chunks:
+        with beam.Pipeline(options=beam_options(beam_args)) as p:
+            build_pipeline(p, run.dataset.files, run.job, run.template, request.output, chunks)
     write_summary(request.output)
     return xr.open_zarr(request.output)
 
@@ -171,8 +240,12 @@ def summary(ds: xr.Dataset, store: str) -> str:
     labelled = done & (ds["label"].values >= 0)
     lines = [
         f"images: {status.size} ({done.sum()} done, {(status == STATUS_FAILED).sum()} failed, "
-        f"{(status == 0).sum()} never written)",
+        f"{(status == STATUS_NEVER_WRITTEN).sum()} never written)",
     ]
+    if (status == STATUS_FAILED).any():
+        lines.append(f"failures: see {store}: ds.error.where(ds.status == 2, drop=True)")
+    bad_files = [(p, e) for p, e in zip(ds["file_path"].values, ds["file_error"].values) if e]
+    lines += [f"file problem: {p}: {e}" for p, e in bad_files]
     if labelled.any():
         labels = ds["label"].values[labelled]
         spiking = ds["logits"].isel(timestep=-1).values[labelled].argmax(-1)
@@ -184,5 +257,6 @@ def summary(ds: xr.Dataset, store: str) -> str:
     lines += [
         f"store: {os.path.abspath(store)}",
         f'open it: python -c "import xarray as xr; print(xr.open_zarr({store!r}))"',
+        f"statistics: cam-pipeline report {store}",
     ]
     return "\n".join(lines)

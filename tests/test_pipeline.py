@@ -85,7 +85,7 @@ def test_store_opens_in_a_fresh_process_with_the_store_md_interface(spiking_stor
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info["dims"] == {
         "image": N_IMAGES, "class": 10, "timestep": 12, "y": 16, "x": 16, "channel": 64, "box": 8, "coord": 4,
-        "axis": 2, "layer": 4, "threshold": 100,
+        "axis": 2, "layer": 4, "threshold": 100, "file": 1,
     }
     assert {"image", "image_id", "class", "timestep", "time", "y", "x", "channel"} <= set(info["coords"])
     required = {
@@ -103,7 +103,8 @@ def test_store_opens_in_a_fresh_process_with_the_store_md_interface(spiking_stor
     assert {name: info["variables"][name] for name in required} == required
     from transforms.store import PER_IMAGE, SUMMARY
 
-    assert set(info["variables"]) == set(required) | set(PER_IMAGE) | set(SUMMARY)
+    files = {"file_path", "file_n_records", "file_error"}
+    assert set(info["variables"]) == set(required) | set(PER_IMAGE) | set(SUMMARY) | files
     assert info["classes"] == LABEL_NAMES
     np.testing.assert_allclose(info["time"], (np.arange(12) + 1) * 0.001)
     for key in ("model_file", "model_sha256", "neuron", "n_steps", "dt", "synapse", "probe_synapse",

@@ -20,9 +20,11 @@ import xarray as xr
 
 from transforms.cam import class_activation_maps
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
-from transforms.records import ExampleDecoder, TfdsDecoder, to_model_input
+from transforms.preprocess import Preprocessing
+from transforms.records import ExampleDecoder, TfdsDecoder
 from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
 from transforms.statistics import StatisticsSettings, image_statistics
+from transforms.tfrecord_io import BadRecord
 from transforms.store import (
     STATUS_DONE,
     STATUS_FAILED,
@@ -46,6 +48,7 @@ class ChunkJob:
     decoder: TfdsDecoder | ExampleDecoder
     layout: StoreLayout
     statistics: StatisticsSettings
+    preprocessing: Preprocessing
 
 
 def check_example(label: int, boxes: np.ndarray, n_classes: int, max_boxes: int) -> None:
@@ -84,18 +87,22 @@ class ComputeCamChunk(beam.DoFn):
         )
         self._head = self._networks.head
 
-    def process(self, element: tuple[int, Iterable[tuple[int, bytes]]]):
+    def process(self, element: tuple[int, Iterable[tuple[int, bytes | BadRecord]]]):
         chunk_index, records = element
         layout = self._job.layout
         start, stop = chunk_bounds(chunk_index, layout)
         arrays = empty_chunk(self._template, start, stop)
         rows, images = [], []
-        for index, serialized in sorted(records, key=lambda r: r[0]):
+        for index, record in sorted(records, key=lambda r: r[0]):
             row = index - start
+            if isinstance(record, BadRecord):
+                arrays["status"][row] = STATUS_FAILED
+                arrays["error"][row] = f"read: {record.reason}"
+                continue
             try:
-                example = self._job.decoder.decode(serialized)
+                example = self._job.decoder.decode(record)
                 check_example(example.label, example.boxes, self._head.n_classes, layout.max_boxes)
-                image = to_model_input(example.image, self._head.input_shape)
+                image = self._job.preprocessing.apply(example.image, self._head.input_shape)
             except Exception as err:  # noqa: BLE001 - every failure is recorded per image
                 arrays["status"][row] = STATUS_FAILED
                 arrays["error"][row] = f"decode: {type(err).__name__}: {err}"
@@ -130,7 +137,7 @@ class ComputeCamChunk(beam.DoFn):
         arrays["status"][rows] = STATUS_DONE
 
 
-def key_by_chunk(record: tuple[int, bytes], layout: StoreLayout) -> tuple[int, tuple[int, bytes]]:
+def key_by_chunk(record: tuple[int, bytes | BadRecord], layout: StoreLayout) -> tuple[int, tuple]:
     """(image index, record) -> (chunk index, (image index, record))."""
     return record[0] // layout.images_per_chunk, record
 

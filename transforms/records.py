@@ -5,10 +5,12 @@ Two kinds of input:
 - a tfds-prepared directory (it holds ``dataset_info.json``): files, record counts, label
   names and features come from the dataset's own metadata, and records are decoded with
   its own feature connectors;
-- a TFRecord path or glob of ``tf.train.Example`` records with the common key conventions
+- TFRecord paths or globs (local, ``gs://``, any file system TensorFlow knows; gzip or
+  not) of ``tf.train.Example`` records, with the common keys by default
   (``image/encoded``, ``image/class/label``, ``image/object/bbox/{ymin,xmin,ymax,xmax}``).
 
-Global image index: files sorted by path, then records in file order.
+Global image index: files sorted by path, then records in file order. Every record that
+is framed in a file gets an index, readable or not, so that nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -16,26 +18,36 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from transforms.nengo_shim import tf
+from transforms.tfrecord_io import BadRecord, FileUnreadable, is_gzip, read_tfrecord, scan_tfrecord
+
+BBOX_COORDS = ("ymin", "xmin", "ymax", "xmax")
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")  # JPEG, PNG, GIF, BMP
 
 
 class InputError(ValueError):
-    """The input request cannot be served (nothing matches, bad metadata, ...)."""
+    """The input request cannot be served (nothing matches, an unknown key, ...)."""
 
 
 @dataclass(frozen=True)
 class InputFile:
-    """One TFRecord file: its records are images ``first_index .. first_index + n_records - 1``."""
+    """One TFRecord file: its records are images ``first_index .. first_index + n_records - 1``.
+
+    error: what went wrong with the file as a whole when it was listed ("" if nothing),
+    e.g. an unreadable tail (those records cannot be counted) or no records at all.
+    """
 
     path: str
     first_index: int
     n_records: int
-    compression: str = ""  # "" or "GZIP"
+    compressed: bool = False
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,35 +93,56 @@ class TfdsDecoder:
 
 @dataclass(frozen=True)
 class ExampleDecoder:
-    """Decodes ``tf.train.Example`` records holding an encoded image (JPEG, PNG, GIF, BMP)."""
+    """Decodes ``tf.train.Example`` records.
+
+    image_key: bytes feature holding a JPEG, PNG, GIF or BMP image, or raw uint8 pixels
+    (shape from ``raw_shape``, else from ``image/height``, ``image/width``,
+    ``image/channels`` int features); label_key: int64 feature (optional in records);
+    bbox_keys: four float features (ymin, xmin, ymax, xmax), optional in records.
+    """
 
     image_key: str = "image/encoded"
     label_key: str = "image/class/label"
-    bbox_prefix: str = "image/object/bbox/"
+    bbox_keys: tuple[str, str, str, str] = tuple(f"image/object/bbox/{c}" for c in BBOX_COORDS)
+    raw_shape: tuple[int, int, int] | None = None
 
     def decode(self, serialized: bytes) -> Example:
         features = tf.train.Example.FromString(serialized).features.feature
         if self.image_key not in features:
-            raise ValueError(f"no feature {self.image_key!r} (has {sorted(features)})")
+            raise ValueError(f"missing feature {self.image_key!r} (the record has {sorted(features)})")
         encoded = features[self.image_key].bytes_list.value
         if len(encoded) != 1:
-            raise ValueError(f"feature {self.image_key!r} holds {len(encoded)} images, not 1")
-        image = tf.io.decode_image(encoded[0], expand_animations=False).numpy()
+            raise ValueError(f"feature {self.image_key!r} holds {len(encoded)} byte strings, not 1")
+        image = self._image(encoded[0], features)
         label = -1
         if self.label_key in features:
             values = features[self.label_key].int64_list.value
             if len(values) != 1:
-                raise ValueError(f"feature {self.label_key!r} holds {len(values)} values, not 1")
+                raise ValueError(f"feature {self.label_key!r} holds {len(values)} int64 values, not 1")
             label = int(values[0])
         coords = [
-            np.asarray(features[self.bbox_prefix + c].float_list.value, np.float32)
-            if self.bbox_prefix + c in features
-            else np.zeros(0, np.float32)
-            for c in ("ymin", "xmin", "ymax", "xmax")
+            np.asarray(features[key].float_list.value, np.float32) if key in features else np.zeros(0, np.float32)
+            for key in self.bbox_keys
         ]
         if len({len(c) for c in coords}) != 1:
-            raise ValueError(f"box features under {self.bbox_prefix!r} differ in length")
+            raise ValueError(f"box features {list(self.bbox_keys)} differ in length")
         return Example(image, label, np.stack(coords, axis=-1).reshape(-1, 4))
+
+    def _image(self, data: bytes, features) -> np.ndarray:
+        if data.startswith(IMAGE_MAGIC):
+            return tf.io.decode_image(data, expand_animations=False).numpy()
+        shape = self.raw_shape or tuple(
+            int(features[k].int64_list.value[0]) if k in features and features[k].int64_list.value else 0
+            for k in ("image/height", "image/width", "image/channels")
+        )
+        if 0 in shape:
+            raise ValueError(
+                f"feature {self.image_key!r} is not a JPEG/PNG/GIF/BMP image and no raw shape is known "
+                "(pass --raw-shape H,W,C or store image/height, image/width, image/channels)"
+            )
+        if len(data) != int(np.prod(shape)):
+            raise ValueError(f"raw image has {len(data)} bytes, not {'x'.join(map(str, shape))}")
+        return np.frombuffer(data, np.uint8).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -166,25 +199,37 @@ def is_tfds_dir(path: str) -> bool:
     return tf.io.gfile.isdir(path) and tf.io.gfile.exists(os.path.join(path, "dataset_info.json"))
 
 
-def open_tfds_dir(path: str, split: str) -> InputDataset:
-    """A tfds-prepared directory: files and counts from its metadata, features from its own."""
+def _pick(kind: str, given: str, found: list[str], path: str, optional: bool) -> str:
+    if given:
+        if given not in found:
+            raise InputError(f"{path}: no {kind} feature {given!r} (its {kind} features: {found or 'none'})")
+        return given
+    if not found and not optional:
+        raise InputError(f"{path}: the dataset has no {kind} feature")
+    return found[0] if found else ""
+
+
+def open_tfds_dir(path: str, split: str, keys: dict[str, str]) -> InputDataset:
+    """A tfds-prepared directory: files and counts from its metadata, features from its own.
+
+    keys: optional "image", "label", "bbox" feature paths overriding the discovered ones.
+    """
     import tensorflow_datasets as tfds
 
     builder = tfds.builder_from_directory(path)
     info = builder.info
     if split not in info.splits:
         raise InputError(f"{path}: no split {split!r} (has {sorted(info.splits)})")
-    split_info = info.splits[split]
-    if builder.info.file_format.value != "tfrecord":
+    if info.file_format.value != "tfrecord":
         raise InputError(f"{path}: file format {info.file_format.value!r}; only tfrecord is read")
     features = info.features
-    images = _find_features(features, ("Image",))
-    if not images:
-        raise InputError(f"{path}: the dataset has no Image feature")
-    top_level_labels = [k for k, v in features.items() if type(v).__name__ == "ClassLabel"]
-    boxes = _find_features(features, ("BBoxFeature",))
-    label_key = "label" if "label" in top_level_labels else (top_level_labels or [""])[0]
-    decoder = TfdsDecoder(str(path), images[0], label_key, boxes[0] if boxes else "")
+    labels = [k for k, v in features.items() if type(v).__name__ == "ClassLabel"]
+    labels = sorted(labels, key=lambda k: k != "label")  # prefer a feature called "label"
+    image_key = _pick("Image", keys.get("image", ""), _find_features(features, ("Image",)), path, False)
+    label_key = _pick("ClassLabel", keys.get("label", ""), labels, path, True)
+    bbox_key = _pick("BBoxFeature", keys.get("bbox", ""), _find_features(features, ("BBoxFeature",)), path, True)
+    decoder = TfdsDecoder(str(path), image_key, label_key, bbox_key)
+    split_info = info.splits[split]
     files, first = [], 0
     for filename, count in zip(split_info.filepaths, split_info.shard_lengths):
         files.append(InputFile(os.fspath(filename), first, int(count)))
@@ -195,47 +240,110 @@ def open_tfds_dir(path: str, split: str) -> InputDataset:
         decoder,
         names,
         {"kind": "tfds", "path": str(path), "name": info.name, "split": split,
-         "image_feature": images[0], "label_feature": label_key, "bbox_feature": decoder.bbox_key},
+         "image_feature": image_key, "label_feature": label_key, "bbox_feature": bbox_key},
     )
 
 
-def count_records(path: str, compression: str = "") -> int:
-    """Number of records in a TFRecord file (reads it through)."""
-    dataset = tf.data.TFRecordDataset(path, compression_type=compression)
-    return int(dataset.reduce(np.int64(0), lambda n, _: n + 1).numpy())
+def _expand(patterns: list[str]) -> list[str]:
+    paths = set()
+    for pattern in patterns:
+        matches = tf.io.gfile.glob(pattern)
+        if not matches:
+            raise InputError(f"{pattern}: no file matches")
+        paths.update(matches)
+    return sorted(paths)
 
 
-def open_tfrecord_glob(pattern: str, decoder: ExampleDecoder) -> InputDataset:
-    """TFRecord files matching ``pattern`` (a path or glob, local or gs://), sorted."""
-    paths = sorted(tf.io.gfile.glob(pattern))
-    if not paths:
-        raise InputError(f"{pattern}: no file matches")
+def open_tfrecord_files(patterns: list[str], decoder: ExampleDecoder) -> InputDataset:
+    """TFRecord files matching ``patterns`` (paths or globs), sorted and scanned.
+
+    Each file is read through once to count its records (in parallel threads); a file
+    that cannot be read to the end keeps the records before the damage.
+    """
+    paths = _expand(patterns)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        compressed = list(pool.map(is_gzip, paths))
+        scans = list(pool.map(scan_tfrecord, paths, compressed))
     files, first = [], 0
-    for path in paths:
-        compression = "GZIP" if path.endswith(".gz") else ""
-        count = count_records(path, compression)
-        files.append(InputFile(path, first, count, compression))
-        first += count
-    return InputDataset(
-        tuple(files), decoder, None, {"kind": "tfrecord", "path": pattern, "image_feature": decoder.image_key}
+    for path, gz, scan in zip(paths, compressed, scans):
+        files.append(InputFile(path, first, scan.n_records, gz, scan.error))
+        first += scan.n_records
+    dataset = InputDataset(
+        tuple(files), decoder, None,
+        {"kind": "tfrecord", "path": " ".join(patterns), "image_feature": decoder.image_key,
+         "label_feature": decoder.label_key, "bbox_features": " ".join(decoder.bbox_keys)},
     )
+    _check_keys(dataset)
+    return dataset
 
 
-def open_input(path: str, split: str = "test") -> InputDataset:
-    """A tfds directory, or else a TFRecord path/glob of tf.train.Example records."""
-    if is_tfds_dir(path):
-        return open_tfds_dir(path, split)
-    if tf.io.gfile.isdir(path):
-        raise InputError(f"{path}: a directory without dataset_info.json is not a tfds dataset; "
-                         "pass a glob of its TFRecord files instead")
-    return open_tfrecord_glob(path, ExampleDecoder())
+def _check_keys(dataset: InputDataset) -> None:
+    """Refuse, before any work, an image key that the first readable record lacks."""
+    decoder = dataset.decoder
+    for file in dataset.files:
+        for _, record in read_records(file):
+            if isinstance(record, bytes):
+                try:
+                    keys = tf.train.Example.FromString(record).features.feature.keys()
+                except Exception:  # noqa: BLE001 - an undecodable record fails on its own later
+                    continue
+                if decoder.image_key not in keys:
+                    raise InputError(
+                        f"{file.path}: records have no feature {decoder.image_key!r} "
+                        f"(the first has {sorted(keys)}); pass --image-key"
+                    )
+                return
 
 
-def read_records(file: InputFile):
-    """Yield (global index, serialized record) for the first ``n_records`` records of ``file``."""
-    dataset = tf.data.TFRecordDataset(file.path, compression_type=file.compression)
-    for offset, record in enumerate(dataset.take(file.n_records).as_numpy_iterator()):
-        yield file.first_index + offset, record
+def open_input(paths: list[str], split: str = "test", keys: dict[str, str] | None = None,
+               raw_shape: tuple[int, int, int] | None = None) -> InputDataset:
+    """One tfds directory, or TFRecord paths/globs of tf.train.Example records.
+
+    keys: optional "image", "label", "bbox" overrides (for TFRecords, "bbox" is a prefix
+    to which ymin, xmin, ymax, xmax are appended, or four comma-separated keys).
+    """
+    keys = {k: v for k, v in (keys or {}).items() if v}
+    if len(paths) == 1 and is_tfds_dir(paths[0]):
+        return open_tfds_dir(paths[0], split, keys)
+    for path in paths:
+        if tf.io.gfile.isdir(path):
+            raise InputError(f"{path}: a directory without dataset_info.json is not a tfds dataset; "
+                             "pass a glob of its TFRecord files instead")
+    decoder = ExampleDecoder(raw_shape=raw_shape)
+    if "image" in keys:
+        decoder = dataclasses.replace(decoder, image_key=keys["image"])
+    if "label" in keys:
+        decoder = dataclasses.replace(decoder, label_key=keys["label"])
+    if "bbox" in keys:
+        bbox = keys["bbox"].split(",")
+        if len(bbox) not in (1, 4):
+            raise InputError(f"--bbox-keys: give a prefix or four keys, got {keys['bbox']!r}")
+        decoder = dataclasses.replace(
+            decoder, bbox_keys=tuple(bbox) if len(bbox) == 4 else tuple(bbox[0] + c for c in BBOX_COORDS)
+        )
+    return open_tfrecord_files(paths, decoder)
+
+
+def read_records(file: InputFile) -> Iterator[tuple[int, bytes | BadRecord]]:
+    """(global index, record bytes or BadRecord) for each of the ``n_records`` of ``file``.
+
+    Exactly ``n_records`` items: records lost to damage found while reading (past what the
+    listing saw, e.g. in a tfds shard) come out as BadRecords with the reason.
+    """
+    produced = 0
+    try:
+        for record in read_tfrecord(file.path, file.compressed):
+            if produced == file.n_records:
+                return
+            yield file.first_index + produced, record
+            produced += 1
+        reason = f"missing: the file holds only {produced} records"
+    except FileUnreadable as err:
+        reason = f"unreadable: {err}"
+    except (tf.errors.OpError, OSError) as err:
+        reason = f"cannot read the file: {err}"
+    for offset in range(produced, file.n_records):
+        yield file.first_index + offset, BadRecord(reason)
 
 
 def limit_files(files: tuple[InputFile, ...], n_images: int) -> tuple[InputFile, ...]:
@@ -246,27 +354,3 @@ def limit_files(files: tuple[InputFile, ...], n_images: int) -> tuple[InputFile,
             break
         kept.append(dataclasses.replace(f, n_records=min(f.n_records, n_images - f.first_index)))
     return tuple(kept)
-
-
-def to_model_input(image: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
-    """uint8 (h, w, c) -> float32 (H, W, C) in [0, 1] for the model.
-
-    Channels: gray is repeated to RGB, RGB is reduced to gray by luminance; size: bilinear
-    resize when it differs.
-    """
-    height, width, channels = input_shape
-    if image.ndim == 2:
-        image = image[..., None]
-    x = image.astype(np.float32) / 255.0
-    if x.shape[-1] == 4:
-        x = x[..., :3]
-    if x.shape[-1] != channels:
-        if channels == 1 and x.shape[-1] == 3:
-            x = x @ np.array([[0.299], [0.587], [0.114]], np.float32)
-        elif channels == 3 and x.shape[-1] == 1:
-            x = np.repeat(x, 3, axis=-1)
-        else:
-            raise ValueError(f"image has {image.shape[-1]} channels; the model takes {channels}")
-    if x.shape[:2] != (height, width):
-        x = tf.image.resize(x, (height, width), method="bilinear").numpy()
-    return x

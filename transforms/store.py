@@ -148,6 +148,15 @@ def chunk_size_for(head: CamHead, n_steps: int, batch_size: int, target_bytes: f
     return batches * batch_size
 
 
+@dataclass(frozen=True)
+class FileRow:
+    """One input file as listed before the run: path, records counted, error ("" if none)."""
+
+    path: str
+    n_records: int
+    error: str
+
+
 def build_template(
     layout: StoreLayout,
     head: CamHead,
@@ -157,9 +166,15 @@ def build_template(
     class_names: list[str],
     neuron_layers: tuple[str, ...],
     thresholds: np.ndarray,
+    files: list[FileRow],
     attrs: dict,
 ) -> xr.Dataset:
-    """The store's template: lazy (dask) variables for what is computed, values for the rest."""
+    """The store's template: lazy (dask) variables for what is computed, values for the rest.
+
+    The ``file`` table lists every input file with its record count and any error found
+    when it was listed (an unreadable tail, no records), so that whole-file problems are
+    in the store beside the per-image ``status`` and ``error``.
+    """
     height, width, channels = head.feature_shape
     in_height, in_width, _ = head.input_shape
     sizes = {
@@ -173,6 +188,9 @@ def build_template(
     }
     data["dense_weights"] = (("channel", "class"), head.weights)
     data["dense_bias"] = (("class",), head.bias)
+    data["file_path"] = (("file",), np.asarray([f.path for f in files], dtype=object))
+    data["file_n_records"] = (("file",), np.asarray([f.n_records for f in files], dtype=np.int64))
+    data["file_error"] = (("file",), np.asarray([f.error for f in files], dtype=object))
     ds = xr.Dataset(
         data,
         coords={
@@ -202,6 +220,10 @@ def build_template(
     ds["status"].attrs["flag_meanings"] = "never_written done failed"
     ds["dense_weights"].attrs["description"] = "weights of the Dense layer after global average pooling"
     ds["dense_bias"].attrs["description"] = "bias of that Dense layer, zeros where it has none"
+    ds["file_path"].attrs["description"] = "input files, in the order that numbers the images"
+    ds["file_n_records"].attrs["description"] = "records found in each file (images of the store)"
+    ds["file_error"].attrs["description"] = ("what went wrong with the file as a whole: an unreadable "
+                                             "tail (its records cannot be counted), no records; empty if nothing")
     ds["time"].attrs.update(description="simulated time at the end of each step: (step + 1) * dt", units="s")
     for axis in ("y", "x"):
         ds[axis].attrs.update(description=f"centre of each feature-map cell along {axis}, in input pixels",
@@ -235,3 +257,21 @@ def empty_chunk(template: xr.Dataset, start: int, stop: int) -> dict[str, np.nda
 def chunk_dataset(template: xr.Dataset, arrays: dict[str, np.ndarray]) -> xr.Dataset:
     """Wrap a chunk's arrays (keyed by variable name) with the template's dims."""
     return xr.Dataset({name: (template[name].dims, arrays[name]) for name in CHUNKED_VARIABLES})
+
+
+def write_chunk(key: xbeam.Key, chunk: xr.Dataset, store: str, layout: StoreLayout) -> int:
+    """Write one whole chunk into its region of the store; ``status`` last.
+
+    ``status`` is the chunk's commit marker: a run killed while writing leaves it 0
+    ("never written"), so ``--resume`` computes the chunk again. Every chunk is stored,
+    even one equal to the fill value, so that ``verify`` can tell a missing chunk, and the
+    store's metadata is not rewritten. Returns the chunk's first image index.
+    """
+    start = key.offsets["image"]
+    stop = start + chunk.sizes["image"]
+    if start % layout.images_per_chunk or (stop - start != layout.images_per_chunk and stop != layout.n_images):
+        raise ValueError(f"chunk [{start}, {stop}) is not aligned with zarr chunks of {layout.images_per_chunk}")
+    region = {"image": slice(start, stop)}
+    for part in (chunk.drop_vars("status"), chunk[["status"]]):
+        part.to_zarr(store, region=region, mode="r+", consolidated=False, write_empty_chunks=True)
+    return start

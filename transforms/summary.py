@@ -85,5 +85,5 @@ def write_summary(store: str) -> xr.Dataset:
     """Compute the dataset-level statistics of ``store`` and write them into it."""
     ds = xr.open_zarr(store)
     summary = dataset_summary(ds)
-    summary.to_zarr(store, mode="r+", consolidated=True)
+    summary.to_zarr(store, mode="r+", consolidated=False, write_empty_chunks=True)
     return summary
