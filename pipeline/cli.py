@@ -19,7 +19,7 @@ import sys
 import transforms.nengo_shim  # noqa: F401
 from pipeline.sample import SAMPLE_DATASET, SAMPLE_MODEL
 from transforms.preprocess import SCALINGS, Preprocessing
-from transforms.spiking import NEURON_TYPES, SpikingSettings
+from transforms.spiking import ENGINES, NEURON_TYPES, SpikingSettings
 
 # Spiking defaults, chosen on the shipped sample (see README, "Spiking defaults").
 DEFAULT_SYNAPSE = 0.005
@@ -104,6 +104,10 @@ def _add_run_parser(commands) -> None:
                          help=f"firing-rate scale (default: {DEFAULT_SCALE_FIRING_RATES:g})")
     spiking.add_argument("--batch-size", type=_positive_int, default=16,
                          help="images per simulator minibatch (default: 16)")
+    spiking.add_argument("--engine", choices=ENGINES, default="fast",
+                         help="fast: each layer for all timesteps at once, in one compiled TensorFlow "
+                         "function (falls back to nengo-dl, with a log line, where a network is not "
+                         "supported); nengo-dl: nengo_dl.Simulator, the reference (default: fast)")
     store = run.add_argument_group("store")
     store.add_argument("--limit", type=_positive_int, help="process only the first N images")
     store.add_argument("--max-boxes", type=_positive_int, default=8,
@@ -128,6 +132,7 @@ def _settings(args: argparse.Namespace) -> SpikingSettings:
         probe_synapse=probe_synapse,
         scale_firing_rates=args.scale_firing_rates,
         batch_size=args.batch_size,
+        engine=args.engine,
     )
 
 

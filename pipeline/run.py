@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.graph import build_pipeline
 from transforms.cam_chunks import ChunkJob
+from transforms.fast_engine import effective_settings
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.preprocess import Preprocessing
 from transforms.records import InputDataset, InputError, limit_files, open_input
@@ -95,6 +96,7 @@ def run_attrs(request: RunRequest, head: CamHead, dataset: InputDataset, layout:
         "model_sha256": _sha256(request.model),
         "feature_layer": head.feature_layer,
         "dense_layer": head.dense_layer,
+        "engine": s.engine,
         "neuron": s.neuron,
         "n_steps": s.n_steps,
         "dt": s.dt,
@@ -148,6 +150,9 @@ def prepare(request: RunRequest) -> PreparedRun:
         model = load_keras_model(request.model)
         head = find_cam_head(model, request.model)
         neuron_layers = convert(model, head, request.settings).neuron_layers
+        request = dataclasses.replace(
+            request, settings=effective_settings(model, head, request.settings, neuron_layers)
+        )
         dataset = open_input(list(request.input), request.split, dict(request.feature_keys), request.raw_shape)
     except (InputError, ValueError) as err:
         raise RequestError(str(err)) from err

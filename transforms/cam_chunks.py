@@ -20,6 +20,7 @@ import xarray as xr
 
 from transforms.cam import class_activation_maps
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
+from transforms.fast_engine import FastSpikingNetwork
 from transforms.preprocess import Preprocessing
 from transforms.records import ExampleDecoder, TfdsDecoder
 from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
@@ -67,7 +68,8 @@ class Networks:
     def __init__(self, job: ChunkJob):
         model = load_keras_model(job.model_path)
         self.head: CamHead = find_cam_head(model, job.model_path)
-        self.spiking = SpikingNetwork(model, self.head, job.settings)
+        engine = FastSpikingNetwork if job.settings.engine == "fast" else SpikingNetwork
+        self.spiking = engine(model, self.head, job.settings)
         self.reference = ReferenceNetwork(model, self.head)
         self.lock = threading.Lock()
         Networks.builds += 1

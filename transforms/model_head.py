@@ -16,7 +16,7 @@ import numpy as np
 
 from transforms.nengo_shim import tf_keras
 
-_IDENTITY_AT_INFERENCE = (
+IDENTITY_AT_INFERENCE = (
     tf_keras.layers.Dropout,
     tf_keras.layers.SpatialDropout1D,
     tf_keras.layers.GaussianNoise,
@@ -60,7 +60,7 @@ def load_keras_model(path: str | Path) -> tf_keras.Model:
         raise ModelHeadError(f"{path}: cannot load as a tf-keras model: {err}") from err
 
 
-def _inbound_layer(layer: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
+def inbound_layer(layer: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
     """The single layer feeding ``layer``; ModelHeadError if it has several or none."""
     nodes = layer.inbound_nodes
     inbound = nodes[0].inbound_layers if len(nodes) == 1 else []
@@ -83,16 +83,16 @@ def find_cam_head(model: tf_keras.Model, source: str = "model") -> CamHead:
         raise ModelHeadError(f"{source}: the model must take one image input (H, W, C)")
     layer = model.get_layer(model.outputs[0].node.layer.name)
     if isinstance(layer, (tf_keras.layers.Activation, tf_keras.layers.Softmax)):
-        layer = _inbound_layer(layer)
+        layer = inbound_layer(layer)
     if not isinstance(layer, tf_keras.layers.Dense):
         raise ModelHeadError(
             f"{source}: CAMs need a Dense layer at the output after GlobalAveragePooling2D; "
             f"the output comes from {layer.name!r} ({type(layer).__name__})"
         )
     dense = layer
-    layer = _inbound_layer(dense)
-    while isinstance(layer, _IDENTITY_AT_INFERENCE):
-        layer = _inbound_layer(layer)
+    layer = inbound_layer(dense)
+    while isinstance(layer, IDENTITY_AT_INFERENCE):
+        layer = inbound_layer(layer)
     if not isinstance(layer, tf_keras.layers.GlobalAveragePooling2D):
         raise ModelHeadError(
             f"{source}: CAMs need GlobalAveragePooling2D directly before the Dense layer "
@@ -102,7 +102,7 @@ def find_cam_head(model: tf_keras.Model, source: str = "model") -> CamHead:
         raise ModelHeadError(
             f"{source}: GlobalAveragePooling2D {layer.name!r} must be channels_last without keepdims"
         )
-    feature = _inbound_layer(layer)
+    feature = inbound_layer(layer)
     feature_shape = tuple(int(d) for d in feature.output.shape[1:])
     dense_weights = dense.get_weights()
     weights = np.asarray(dense_weights[0], np.float32)
@@ -117,12 +117,33 @@ def find_cam_head(model: tf_keras.Model, source: str = "model") -> CamHead:
     return CamHead(feature.name, feature_shape, dense.name, weights, bias, input_shape)
 
 
+def inference_copy(model: tf_keras.Model) -> tf_keras.Model:
+    """A copy of ``model`` with the layers that are identities at inference (Dropout, ...)
+    replaced by linear Activations of the same name, and the same weights.
+
+    NengoDL's Converter has no converter for Dropout and runs it in a TensorNode, which does
+    not act as the identity; a linear Activation becomes a plain pass-through node.
+    """
+    if not any(isinstance(layer, IDENTITY_AT_INFERENCE) for layer in model.layers):
+        return model
+
+    def clone(layer):
+        if isinstance(layer, IDENTITY_AT_INFERENCE):
+            return tf_keras.layers.Activation("linear", name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = tf_keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def cam_model(model: tf_keras.Model, head: CamHead) -> tf_keras.Model:
     """A model from the same input to [feature map (B, H, W, C), logits (B, K)].
 
-    The logits are the head's Dense layer without its activation (a softmax is dropped).
-    Layers are shared with ``model``, so weights are the same objects.
+    The logits are the head's Dense layer without its activation (a softmax is dropped);
+    layers that are identities at inference are replaced by pass-throughs.
     """
+    model = inference_copy(model)
     features = model.get_layer(head.feature_layer).output
     pooled = tf_keras.layers.GlobalAveragePooling2D(name="cam_gap")(features)
     logits = tf_keras.layers.Dense(

@@ -26,6 +26,7 @@ NEURON_TYPES = {
     "relu": nengo.RectifiedLinear,
     "lif": nengo.LIF,
 }
+ENGINES = ("fast", "nengo-dl")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class SpikingSettings:
     neuron population, None for none; probe_synapse: lowpass (s) on the probed feature
     maps, None for none; scale_firing_rates: input gain, with output amplitude divided by
     the same (higher: more spikes, closer to the rate network); batch_size: simulator
-    minibatch size (images).
+    minibatch size (images); engine: "fast" (``transforms.fast_engine``, layer by layer)
+    or "nengo-dl" (``nengo_dl.Simulator``, the reference).
     """
 
     neuron: str = "spiking-relu"
@@ -47,8 +49,11 @@ class SpikingSettings:
     probe_synapse: float | None = 0.005
     scale_firing_rates: float = 100.0
     batch_size: int = 16
+    engine: str = "fast"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose from {ENGINES}")
         if self.neuron not in NEURON_TYPES:
             raise ValueError(f"unknown neuron type {self.neuron!r}; choose from {sorted(NEURON_TYPES)}")
         if self.n_steps < 1:
@@ -137,11 +142,13 @@ def _probe_firing_rates(converter, model: tf_keras.Model) -> tuple[tuple[str, ..
     one summing connection with weights ``1 / (n * amplitude)`` gives the layer's mean
     rate in spikes per second per neuron, without probing every neuron.
     """
-    names, probes = [], []
+    names, probes, seen = [], [], set()
     for layer in model.layers:
         neurons = converter.layers[layer]
-        if not isinstance(neurons, nengo.ensemble.Neurons):
+        # Flatten/Reshape are no-ops that hand on the object of the layer before them.
+        if not isinstance(neurons, nengo.ensemble.Neurons) or id(neurons) in seen:
             continue
+        seen.add(id(neurons))
         n, amplitude = neurons.size_out, neurons.ensemble.neuron_type.amplitude
         mean_rate = nengo.Node(size_in=1, label=f"rate_{layer.name}")
         nengo.Connection(

@@ -1,0 +1,149 @@
+"""The fast engine reproduces nengo_dl.Simulator on the same converted network.
+
+Rate neurons: to 1e-5 relative at every step. Spiking neurons: the same spike counts for
+all but 0.1% of neurons (float ties), and CAMs correlating >= 0.999 at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from pipeline.sample import SAMPLE_MODEL
+from transforms.cam import class_activation_maps
+from transforms.fast_engine import FastSpikingNetwork, effective_settings, plan
+from transforms.localization import pearson
+from transforms.model_head import find_cam_head, load_keras_model
+from transforms.nengo_shim import tf_keras
+from transforms.spiking import SpikingNetwork, SpikingSettings, convert
+
+L = tf_keras.layers
+
+
+def _scaled(model: tf_keras.Model, seed: int) -> tf_keras.Model:
+    """Random weights scaled so that units are active but not saturated."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if weights:
+            fan_in = np.prod(weights[0].shape[:-1])
+            new = [rng.normal(0, 1.5 / np.sqrt(fan_in), w.shape).astype(np.float32) for w in weights[:1]]
+            new += [rng.uniform(-0.1, 0.3, w.shape).astype(np.float32) for w in weights[1:]]
+            layer.set_weights(new)
+    return model
+
+
+def conv_pool_net() -> tf_keras.Model:
+    x = inputs = tf_keras.Input((12, 12, 2))
+    x = L.Conv2D(4, 3, activation="relu")(x)
+    x = L.AveragePooling2D(2)(x)
+    x = L.Conv2D(6, 3, padding="same", activation="relu", name="features")(x)
+    return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 1)
+
+
+def dense_reshape_net() -> tf_keras.Model:
+    x = inputs = tf_keras.Input((8, 8, 1))
+    x = L.Flatten()(x)
+    x = L.Dense(32, activation="relu")(x)
+    x = L.Reshape((4, 4, 2))(x)
+    x = L.Conv2D(5, 3, padding="same")(x)  # linear, with bias
+    x = L.ReLU(name="features")(x)
+    return _scaled(tf_keras.Model(inputs, L.Dense(4)(L.GlobalAveragePooling2D()(x))), 2)
+
+
+def strided_net() -> tf_keras.Model:
+    x = inputs = tf_keras.Input((10, 10, 3))
+    x = L.Conv2D(8, 3, strides=2, use_bias=False)(x)
+    x = L.Activation("relu")(x)
+    x = L.Dropout(0.3)(x)
+    x = L.Conv2D(8, 3, activation="relu", name="features")(x)
+    return _scaled(tf_keras.Model(inputs, L.Dense(5)(L.GlobalAveragePooling2D()(x))), 3)
+
+
+NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net}
+
+
+def _run_both(model, settings, images):
+    head = find_cam_head(model)
+    reference = SpikingNetwork(model, head, settings)
+    try:
+        expected = reference.run(images)
+    finally:
+        reference.close()
+    return head, expected, FastSpikingNetwork(model, head, settings, jit_compile=True).run(images)
+
+
+def _images(shape, n=6, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n,) + shape, dtype=np.float32)
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("synapse", [None, 0.005])
+def test_rate_neurons_match_to_1e5_at_every_step(network, synapse):
+    model = NETWORKS[network]()
+    settings = SpikingSettings(neuron="relu", n_steps=6, synapse=synapse, probe_synapse=0.01, batch_size=4)
+    _, (features, logits, rates), (f, lg, r) = _run_both(model, settings, _images(model.input_shape[1:]))
+    for expected, got in ((features, f), (logits, lg), (rates, r)):
+        scale = np.abs(expected).max()
+        assert scale > 0
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("neuron", ["spiking-relu", "lif"])
+def test_spiking_neurons_match_spike_counts_and_cams(network, neuron):
+    model = NETWORKS[network]()
+    shape = model.input_shape[1:]
+    images = _images(shape, n=8)
+    # Spike counts: probe the feature layer unfiltered, so its output is spikes * amplitude / dt.
+    raw = SpikingSettings(neuron=neuron, n_steps=25, synapse=0.005, probe_synapse=None,
+                          scale_firing_rates=50, batch_size=8)
+    _, (features, _, _), (f, _, _) = _run_both(model, raw, images)
+    to_counts = raw.dt * raw.scale_firing_rates
+    counts, fast_counts = np.rint(features.sum(1) * to_counts), np.rint(f.sum(1) * to_counts)
+    assert counts.sum() > 100, "the test network should spike"
+    assert np.mean(counts != fast_counts) <= 0.001
+    # CAMs from the filtered feature maps correlate >= 0.999 at every step where defined.
+    filtered = SpikingSettings(neuron=neuron, n_steps=25, synapse=0.005, probe_synapse=0.01,
+                               scale_firing_rates=50, batch_size=8)
+    head, (features, logits, _), (f, lg, _) = _run_both(model, filtered, images)
+    cam, fast_cam = class_activation_maps(features, head.weights), class_activation_maps(f, head.weights)
+    correlation = pearson(fast_cam, cam)  # (image, step, class)
+    defined = ~np.isnan(pearson(cam, cam))
+    assert defined[:, -5:].all()
+    assert np.nanmin(np.where(defined, correlation, np.nan)) >= 0.999
+    np.testing.assert_allclose(lg[:, -1], logits[:, -1], rtol=1e-3, atol=1e-3 * np.abs(logits).max())
+
+
+def test_shipped_model_matches_nengo_dl(sample_images):
+    model = load_keras_model(SAMPLE_MODEL)
+    images = sample_images["image"][:8].astype(np.float32) / 255.0
+    rate = SpikingSettings(neuron="relu", n_steps=3, synapse=None, probe_synapse=None, batch_size=8)
+    _, (features, logits, _), (f, lg, _) = _run_both(model, rate, images)
+    np.testing.assert_allclose(f, features, rtol=1e-5, atol=1e-5 * np.abs(features).max())
+    np.testing.assert_allclose(lg, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+    spiking = SpikingSettings(n_steps=20, probe_synapse=None, batch_size=8)
+    _, (features, _, _), (f, _, _) = _run_both(model, spiking, images)
+    counts = np.rint(features.sum(1) * spiking.dt * spiking.scale_firing_rates)
+    fast_counts = np.rint(f.sum(1) * spiking.dt * spiking.scale_firing_rates)
+    assert counts.sum() > 1000 and np.mean(counts != fast_counts) <= 0.001
+
+
+def test_unsupported_network_falls_back_to_nengo_dl_with_a_reason(caplog):
+    x = inputs = tf_keras.Input((8, 8, 1))
+    x = L.Conv2D(4, 3, activation="relu")(x)
+    x = L.MaxPooling2D(2)(x)
+    x = L.Conv2D(4, 3, activation="relu", padding="same")(x)
+    model = tf_keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    head = find_cam_head(model)
+    with pytest.raises(ValueError, match="MaxPooling2D"):
+        plan(model, head)
+    # nengo-dl cannot convert max pooling natively either: the converter's fallback runs it
+    settings = SpikingSettings(engine="fast")
+    layers = convert(model, head, settings).neuron_layers
+    with caplog.at_level(logging.WARNING):
+        chosen = effective_settings(model, head, settings, layers)
+    assert chosen.engine == "nengo-dl"
+    assert "does not support this network" in caplog.text and "MaxPooling2D" in caplog.text

@@ -1,0 +1,294 @@
+"""A layer-major engine for the feed-forward networks NengoDL's Converter makes.
+
+``nengo_dl.Simulator`` advances the whole network one timestep at a time. In a
+feed-forward network, a layer's input at step t depends only on the layer below at step
+t (or t - 1 through a synapse) and its own state, so each layer can run for all timesteps
+at once: one batched convolution over (timesteps x images), then an elementwise scan over
+time for the neuron state and the synapse. The first layer's input is constant, so it is
+convolved once. Everything runs in one compiled TensorFlow function.
+
+It reproduces the converted network exactly as NengoDL builds it:
+
+- each ReLU layer is a neuron population with gain = scale_firing_rates and amplitude
+  divided by it; a Conv2D's bias enters through a bias node, J = scale * (W x + b), a
+  Dense's is the population's own bias, J = scale * W x + scale * b;
+- every connection out of a neuron population carries the lowpass synapse, which delays
+  by one step: F(0) = 0, F(t) = a F(t-1) + (1 - a) s(t-1), a = exp(-dt / tau);
+  a synapse of None passes s(t) on in the same step;
+- neuron updates are nengo-dl's (spiking ReLU: v += relu(J) dt, n = floor(v), v -= n,
+  out = n * amplitude / dt; LIF with its refractory period), starting from the initial
+  states nengo's builder draws for the network's seed.
+
+Supported: Conv2D (groups 1, channels_last), Dense, AveragePooling2D ('valid'), Flatten,
+Reshape, ReLU and Activation('relu'), inference-time identities (Dropout, ...), with
+linear or ReLU activations, in a single chain from the input to the CAM feature layer.
+Anything else raises UnsupportedNetwork, and the pipeline falls back to nengo-dl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from transforms.model_head import IDENTITY_AT_INFERENCE, CamHead, inbound_layer
+from transforms.nengo_shim import nengo_dl, tf, tf_keras
+from transforms.spiking import SpikingSettings, convert
+
+log = logging.getLogger(__name__)
+layers = tf_keras.layers
+RELUS = (tf_keras.activations.relu, tf.nn.relu)
+LINEAR = (tf_keras.activations.linear, None)
+
+
+class UnsupportedNetwork(ValueError):
+    """The fast engine cannot run this network (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer of the chain: a linear op, then (optionally) neurons.
+
+    kind: "conv", "dense", "avgpool", "flatten", "reshape" or "identity"; neurons: whether
+    a neuron population (the layer's ReLU) follows; bias_in_population: Dense-style bias
+    (J = scale W x + scale b) rather than Conv2D-style (J = scale (W x + b)).
+    """
+
+    name: str
+    kind: str
+    neurons: bool
+    kernel: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "VALID"
+    pool: tuple[int, int] = (1, 1)
+    shape: tuple[int, ...] = ()
+    bias_in_population: bool = False
+
+
+def _activation(layer) -> bool:
+    """True for a ReLU activation (neurons), False for linear; else unsupported."""
+    activation = getattr(layer, "activation", None)
+    if activation in RELUS:
+        return True
+    if activation in LINEAR:
+        return False
+    raise UnsupportedNetwork(f"layer {layer.name!r}: activation {getattr(activation, '__name__', activation)!r}")
+
+
+def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
+    """The chain of steps from the model's input to the CAM feature layer."""
+    chain = []
+    layer = model.get_layer(head.feature_layer)
+    while not isinstance(layer, layers.InputLayer):
+        chain.append(layer)
+        try:
+            layer = inbound_layer(layer)
+        except ValueError as err:
+            raise UnsupportedNetwork(f"the network is not a single chain: {err}") from err
+    steps = []
+    for layer in reversed(chain):
+        if isinstance(layer, layers.Conv2D) and type(layer) is layers.Conv2D:
+            if layer.groups != 1 or layer.dilation_rate != (1, 1) or layer.data_format != "channels_last":
+                raise UnsupportedNetwork(f"layer {layer.name!r}: grouped, dilated or channels_first Conv2D")
+            weights = layer.get_weights()
+            steps.append(Step(layer.name, "conv", _activation(layer), weights[0],
+                              weights[1] if layer.use_bias else None, tuple(layer.strides), layer.padding.upper()))
+        elif isinstance(layer, layers.Dense):
+            weights = layer.get_weights()
+            steps.append(Step(layer.name, "dense", _activation(layer), weights[0],
+                              weights[1] if layer.use_bias else None, bias_in_population=True))
+        elif isinstance(layer, layers.AveragePooling2D):
+            if layer.padding != "valid" or layer.data_format != "channels_last":
+                raise UnsupportedNetwork(f"layer {layer.name!r}: only 'valid' channels_last average pooling")
+            steps.append(Step(layer.name, "avgpool", False, pool=tuple(layer.pool_size),
+                              strides=tuple(layer.strides)))
+        elif isinstance(layer, layers.Flatten):
+            steps.append(Step(layer.name, "flatten", False))
+        elif isinstance(layer, layers.Reshape):
+            steps.append(Step(layer.name, "reshape", False, shape=tuple(layer.target_shape)))
+        elif isinstance(layer, layers.ReLU):
+            if layer.max_value is not None or float(layer.negative_slope) or float(layer.threshold):
+                raise UnsupportedNetwork(f"layer {layer.name!r}: ReLU with max_value, slope or threshold")
+            steps.append(Step(layer.name, "identity", True))
+        elif isinstance(layer, layers.Activation):
+            steps.append(Step(layer.name, "identity", _activation(layer)))
+        elif isinstance(layer, IDENTITY_AT_INFERENCE):
+            steps.append(Step(layer.name, "identity", False))
+        else:
+            raise UnsupportedNetwork(f"layer {layer.name!r} ({type(layer).__name__}) is not supported")
+    return steps
+
+
+def effective_settings(
+    model: tf_keras.Model, head: CamHead, settings: SpikingSettings, neuron_layers: tuple[str, ...]
+) -> SpikingSettings:
+    """``settings`` with the engine that will run: "fast" only where it supports the network
+    (``neuron_layers``: the converter's), else "nengo-dl", saying why in the log."""
+    if settings.engine != "fast":
+        return settings
+    try:
+        planned = tuple(step.name for step in plan(model, head) if step.neurons)
+        if planned != neuron_layers:
+            raise UnsupportedNetwork(f"neuron layers {planned} differ from the converter's {neuron_layers}")
+    except UnsupportedNetwork as err:
+        log.warning("engine 'fast' does not support this network (%s): using 'nengo-dl'", err)
+        return dataclasses.replace(settings, engine="nengo-dl")
+    return settings
+
+
+def _initial_states(converted, neuron_layers: tuple[str, ...], dt: float) -> dict[str, dict[str, np.ndarray]]:
+    """Initial neuron states of each neuron layer, as nengo-dl's builder draws them."""
+    model = nengo_dl.builder.NengoModel(dt=dt, builder=nengo_dl.builder.NengoBuilder(), fail_fast=False)
+    model.build(converted.net)
+    ensembles = {ens.label.rsplit(".", 1)[0]: ens for ens in converted.net.all_ensembles}
+    return {
+        name: {k: np.asarray(v.initial_value, np.float32) for k, v in model.sig[ensembles[name].neurons].items()
+               if k in ("voltage", "refractory_time")}
+        for name in neuron_layers
+    }
+
+
+def _lowpass(signal: tf.Tensor, tau: float | None, dt: float) -> tf.Tensor:
+    """NengoDL's lowpass synapse over time-major ``signal`` (T, ...): one step of delay."""
+    if tau is None or tau == 0:
+        return signal
+    a = tf.constant(math.exp(-dt / tau), signal.dtype)
+    b = tf.constant(1 - math.exp(-dt / tau), signal.dtype)
+    shifted = tf.concat([tf.zeros_like(signal[:1]), signal[:-1]], axis=0)
+    return tf.scan(lambda y, x: a * y + b * x, shifted)
+
+
+class FastSpikingNetwork:
+    """The converted network run layer by layer over all timesteps (see module docstring).
+
+    Same interface as ``transforms.spiking.SpikingNetwork``.
+    """
+
+    def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings, jit_compile: bool = True):
+        self.head = head
+        self.settings = settings
+        self.steps = plan(model, head)
+        converted = convert(model, head, settings)
+        self.neuron_layers = converted.neuron_layers
+        if tuple(s.name for s in self.steps if s.neurons) != self.neuron_layers:
+            raise UnsupportedNetwork(
+                f"neuron layers {self.neuron_layers} do not match the plan's "
+                f"{tuple(s.name for s in self.steps if s.neurons)}"
+            )
+        self._states = _initial_states(converted, self.neuron_layers, settings.dt)
+        self._neuron = settings.neuron
+        self._scale = np.float32(settings.scale_firing_rates)
+        self._run = tf.function(self._simulate, jit_compile=jit_compile, reduce_retracing=True)
+
+    def close(self) -> None:
+        """Nothing to release (same interface as SpikingNetwork)."""
+
+    def _neurons(self, current: tf.Tensor, name: str, constant: bool) -> tf.Tensor:
+        """Spikes (or rates) times amplitude of a population, time-major (T, B, ...).
+
+        current: J, (B, ...) if ``constant`` else (T, B, ...).
+        """
+        s, steps = self.settings, self.settings.n_steps
+        dt = tf.constant(s.dt, tf.float32)
+        amplitude = tf.constant(1.0 / self._scale, tf.float32)  # the converter's amplitude / scale
+        batch_shape = tf.shape(current)[0 if constant else 1 :]
+        if self._neuron == "relu":
+            rates = tf.nn.relu(current) * amplitude
+            return tf.broadcast_to(rates[None], tf.concat([[steps], batch_shape], 0)) if constant else rates
+        sequence = tf.broadcast_to(current[None], tf.concat([[steps], batch_shape], 0)) if constant else current
+        init = {k: tf.broadcast_to(tf.reshape(v, (1,) + tuple(current.shape[1 if constant else 2 :])), batch_shape)
+                for k, v in self._states[name].items()}
+        alpha = amplitude / dt
+        if self._neuron == "spiking-relu":
+            def step(carry, J):
+                voltage = carry[1] + tf.nn.relu(J) * dt
+                n_spikes = tf.floor(voltage)
+                return n_spikes * alpha, voltage - n_spikes
+
+            spikes, _ = tf.scan(step, sequence, initializer=(tf.zeros_like(init["voltage"]), init["voltage"]))
+            return spikes
+        tau_rc, tau_ref = tf.constant(0.02, tf.float32), tf.constant(0.002, tf.float32)
+        one, zero = tf.constant(1.0, tf.float32), tf.constant(0.0, tf.float32)
+
+        def lif(carry, J):
+            _, voltage, refractory = carry
+            delta_t = tf.clip_by_value(dt - refractory, zero, dt)
+            voltage = voltage + (voltage - J) * tf.math.expm1(-delta_t / tau_rc)
+            spiked = voltage > one
+            partial_ref = -tau_rc * tf.math.log1p((one - voltage) / (J - one))
+            refractory = tf.where(spiked, tau_ref - partial_ref, refractory - dt)
+            voltage = tf.where(spiked, tf.zeros_like(voltage), tf.maximum(voltage, zero))
+            return tf.cast(spiked, tf.float32) * alpha, voltage, refractory
+
+        zeros = tf.zeros_like(init["voltage"])
+        spikes, _, _ = tf.scan(lif, sequence, initializer=(zeros, init["voltage"], init["refractory_time"]))
+        return spikes
+
+    def _linear(self, step: Step, x: tf.Tensor) -> tf.Tensor:
+        """The step's linear op on (N, ...) values, without bias."""
+        if step.kind == "conv":
+            return tf.nn.conv2d(x, step.kernel, strides=step.strides, padding=step.padding)
+        if step.kind == "dense":
+            return tf.tensordot(x, step.kernel, axes=1)
+        if step.kind == "avgpool":
+            return tf.nn.avg_pool2d(x, step.pool, step.strides, "VALID")
+        if step.kind == "flatten":
+            return tf.reshape(x, (tf.shape(x)[0], -1))
+        if step.kind == "reshape":
+            return tf.reshape(x, (tf.shape(x)[0],) + step.shape)
+        return x
+
+    def _simulate(self, images: tf.Tensor):
+        s = self.settings
+        steps = s.n_steps
+        x, time_major = images, False  # (B, ...) until the first neurons, then (T, B, ...)
+        rates = []
+        for step in self.steps:
+            if time_major:
+                flat = tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+                y = self._linear(step, flat)
+                y = tf.reshape(y, tf.concat([[steps, -1], tf.shape(y)[1:]], 0))
+            else:
+                y = self._linear(step, x)
+            if step.neurons:
+                if step.bias is None:
+                    current = self._scale * y
+                elif step.bias_in_population:
+                    current = self._scale * y + self._scale * step.bias
+                else:
+                    current = self._scale * (y + step.bias)
+                spikes = self._neurons(current, step.name, constant=not time_major)
+                time_major = True
+                axes = tf.range(2, tf.rank(spikes))
+                rates.append(tf.reduce_mean(spikes, axis=axes) * self._scale)  # (T, B) Hz
+                x = _lowpass(spikes, s.synapse, s.dt)
+                output = spikes
+            else:
+                x = y if step.bias is None else y + step.bias
+                output = x
+        if not time_major:
+            raise UnsupportedNetwork("no neuron layer before the feature map")
+        features = _lowpass(output, s.probe_synapse, s.dt)  # the feature probe
+        pooled = tf.reduce_mean(x, axis=(2, 3))  # GAP of what the Dense reads: (T, B, C)
+        logits = tf.tensordot(pooled, self.head.weights, axes=1) + self.head.bias
+        return (tf.transpose(features, (1, 0, 2, 3, 4)), tf.transpose(logits, (1, 0, 2)),
+                tf.transpose(tf.stack(rates, axis=-1), (1, 0, 2)))
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Simulate ``n_steps`` per image in minibatches of ``batch_size`` (the last padded).
+
+        images: (N, H, W, C) float32. Returns features (N, T, h, w, c), logits (N, T, K) and
+        the mean firing rate (Hz) of each neuron layer at each step (N, T, L).
+        """
+        batch, n = self.settings.batch_size, len(images)
+        outputs = []
+        for start in range(0, n, batch):
+            x = np.zeros((batch,) + images.shape[1:], np.float32)
+            x[: min(batch, n - start)] = images[start : start + batch]
+            outputs.append([o.numpy()[: n - start] for o in self._run(tf.constant(x))])
+        return tuple(np.concatenate(parts) for parts in zip(*outputs))
+
