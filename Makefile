@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-slow
+.PHONY: setup run test test-slow benchmark
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -23,3 +23,7 @@ test: setup
 ## The slow tests (the full shipped sample); CI runs them too.
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+## Speed and memory, measured side by side; writes docs/benchmarks.md.
+benchmark: setup
+	$(PY) -m benchmarks.run

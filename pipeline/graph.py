@@ -11,7 +11,7 @@ from __future__ import annotations
 import apache_beam as beam
 import xarray as xr
 
-from transforms.cam_chunks import ChunkJob, ComputeCamChunk, key_by_chunk
+from transforms.cam_chunks import ChunkJob, ComputeCamChunk, key_by_chunk, timed
 from transforms.records import InputFile, read_records
 from transforms.store import chunk_bounds, write_chunk
 
@@ -40,5 +40,10 @@ def build_pipeline(
         | "KeepChunksToDo" >> beam.Filter(lambda keyed: keyed[0] in chunks)
         | "GroupByChunk" >> beam.GroupByKey()
         | "ComputeCams" >> beam.ParDo(ComputeCamChunk(job, template))
-        | "WriteChunks" >> beam.Map(lambda keyed: write_chunk(*keyed, store=store, layout=job.layout))
+        | "WriteChunks" >> beam.Map(_timed_write, store=store, layout=job.layout)
     )
+
+
+def _timed_write(keyed, store: str, layout) -> int:
+    with timed("write_ms"):
+        return write_chunk(*keyed, store=store, layout=layout)

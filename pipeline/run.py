@@ -14,15 +14,17 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import apache_beam as beam
 import numpy as np
 import xarray as xr
 import xarray_beam as xbeam
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.graph import build_pipeline
-from transforms.cam_chunks import ChunkJob
+from transforms.cam_chunks import METRICS_NAMESPACE, ChunkJob
 from transforms.fast_engine import effective_settings
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.preprocess import Preprocessing
@@ -217,9 +219,16 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
     return PipelineOptions(args)
 
 
-def execute(request: RunRequest, beam_args: list[str]) -> xr.Dataset:
-    """Run the whole job (or what a resumed one lacks); return the store opened with xarray."""
+def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = None) -> xr.Dataset:
+    """Run the whole job (or what a resumed one lacks); return the store opened with xarray.
+
+    metrics: if given, filled with the run's Beam counters (``cam_pipeline`` namespace:
+    images, engine_ms, reference_ms, cam_ms, statistics_ms, write_ms) and the
+    launcher's own timings (prepare_ms, pipeline_ms, summary_ms).
+    """
+    started = time.perf_counter()
     run = prepare(request)
+    prepared = time.perf_counter()
     layout = run.job.layout
     n_chunks = -(-layout.n_images // layout.images_per_chunk)
     if request.resume:
@@ -231,10 +240,21 @@ def execute(request: RunRequest, beam_args: list[str]) -> xr.Dataset:
         xbeam.setup_zarr(run.template, request.output, zarr_chunks(layout))
         chunks = frozenset(range(n_chunks))
         log.info("store %s set up for %d images in %d chunks", request.output, layout.n_images, n_chunks)
+    counters = {}
     if chunks:
-        with beam.Pipeline(options=beam_options(beam_args)) as p:
-            build_pipeline(p, run.dataset.files, run.job, run.template, request.output, chunks)
+        p = beam.Pipeline(options=beam_options(beam_args))
+        build_pipeline(p, run.dataset.files, run.job, run.template, request.output, chunks)
+        result = p.run()
+        result.wait_until_finish()
+        query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+        for counter in query["counters"]:
+            counters[counter.key.metric.name] = counters.get(counter.key.metric.name, 0) + counter.committed
+    ran = time.perf_counter()
     write_summary(request.output)
+    if metrics is not None:
+        metrics.update(counters)
+        metrics.update(prepare_ms=1000 * (prepared - started), pipeline_ms=1000 * (ran - prepared),
+                       summary_ms=1000 * (time.perf_counter() - ran))
     return xr.open_zarr(request.output)
 
 

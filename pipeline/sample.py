@@ -115,6 +115,28 @@ def write_tfds_dataset(splits: dict[str, Canvases], data_dir: Path) -> Path:
     return Path(builder.data_dir)
 
 
+def example_record(image_png: bytes, label: int, boxes: np.ndarray, extra: dict | None = None) -> bytes:
+    """A ``tf.train.Example`` with the common keys: image/encoded, image/class/label and
+    image/object/bbox/{ymin,xmin,ymax,xmax} (boxes: (n, 4)); ``extra``: more int64 features."""
+    feature = {
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_png])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    }
+    for i, name in enumerate(("ymin", "xmin", "ymax", "xmax")):
+        values = np.asarray(boxes, np.float32).reshape(-1, 4)[:, i]
+        feature[f"image/object/bbox/{name}"] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
+    for key, value in (extra or {}).items():
+        feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_plain_tfrecord(path: str | Path, canvases: Canvases) -> None:
+    """Write canvases as plain TFRecords of tf.train.Example (PNG images, common keys)."""
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for image, label, box in zip(canvases.images, canvases.labels, canvases.boxes):
+            writer.write(example_record(tf.io.encode_png(image).numpy(), int(label), box))
+
+
 def build_model(seed: int = 0) -> tf_keras.Model:
     """Four 3x3 ReLU convolutions (the middle two with stride 2) -> GAP -> Dense(10).
 

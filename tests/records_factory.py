@@ -7,20 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.sample import example_record
 from transforms.nengo_shim import tf
 
 
 def example(image_bytes: bytes | None, label: int, box: np.ndarray | None, extra: dict | None = None) -> bytes:
-    """A tf.train.Example with the common keys (image/encoded, image/class/label, bbox)."""
-    feature = {"image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}
-    if image_bytes is not None:
-        feature["image/encoded"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes]))
-    if box is not None:
-        for name, value in zip(("ymin", "xmin", "ymax", "xmax"), box):
-            feature[f"image/object/bbox/{name}"] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
-    for key, value in (extra or {}).items():
-        feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    """A tf.train.Example with the common keys; without image/encoded if image_bytes is None."""
+    record = tf.train.Example.FromString(
+        example_record(image_bytes or b"", label, np.zeros((0, 4)) if box is None else box, extra)
+    )
+    if image_bytes is None:
+        del record.features.feature["image/encoded"]
+    return record.SerializeToString()
 
 
 def png_examples(images: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> list[bytes]:

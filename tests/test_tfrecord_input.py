@@ -5,18 +5,9 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from tests import records_factory as rf
 from tests.conftest import run_cli
 from transforms.nengo_shim import tf
-
-
-def _example(image_png: bytes, label: int, box: np.ndarray) -> bytes:
-    feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_png])),
-        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-    }
-    for name, value in zip(("ymin", "xmin", "ymax", "xmax"), box):
-        feature[f"image/object/bbox/{name}"] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 def test_tfrecord_glob_with_gzip_and_a_bad_image(tmp_path, sample_images, relu_store):
@@ -25,11 +16,11 @@ def test_tfrecord_glob_with_gzip_and_a_bad_image(tmp_path, sample_images, relu_s
     # b.tfrecord.gz sorts after a.tfrecord: images 0-2 then a broken record then 3-5.
     with tf.io.TFRecordWriter(str(tmp_path / "a.tfrecord")) as writer:
         for i in range(3):
-            writer.write(_example(pngs[i], int(labels[i]), boxes[i]))
+            writer.write(rf.example(pngs[i], int(labels[i]), boxes[i]))
     with tf.io.TFRecordWriter(str(tmp_path / "b.tfrecord.gz"), options="GZIP") as writer:
-        writer.write(_example(b"not an image", 1, boxes[0]))
+        writer.write(rf.example(b"not an image", 1, boxes[0]))
         for i in range(3, 6):
-            writer.write(_example(pngs[i], int(labels[i]), boxes[i]))
+            writer.write(rf.example(pngs[i], int(labels[i]), boxes[i]))
     out = tmp_path / "plain.zarr"
     assert run_cli("--input", str(tmp_path / "*.tfrecord*"), "--neuron", "relu", "--n-steps", "1",
                    "--batch-size", "4", "--output", str(out)) == 0

@@ -8,12 +8,15 @@ model are marked ``status == 2`` with the reason; the rest are simulated togethe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 import numpy as np
 import xarray as xr
@@ -37,6 +40,19 @@ from transforms.store import (
 )
 
 log = logging.getLogger(__name__)
+
+
+METRICS_NAMESPACE = "cam_pipeline"
+
+
+@contextlib.contextmanager
+def timed(name: str):
+    """Add the block's wall time (ms) to the Beam counter ``cam_pipeline:<name>``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        Metrics.counter(METRICS_NAMESPACE, name).inc(int((time.perf_counter() - start) * 1000))
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,7 @@ class ComputeCamChunk(beam.DoFn):
             arrays["boxes"][row, : len(example.boxes)] = example.boxes
             rows.append(row)
             images.append(image)
+        Metrics.counter(METRICS_NAMESPACE, "images").inc(stop - start)
         if images:
             self._compute(np.stack(images), np.asarray(rows), arrays)
         yield chunk_key(chunk_index, layout), chunk_dataset(self._template, arrays)
@@ -120,20 +137,24 @@ class ComputeCamChunk(beam.DoFn):
     def _compute(self, images: np.ndarray, rows: np.ndarray, arrays: dict) -> None:
         weights = self._head.weights
         with self._networks.lock:
-            features, logits, rates = self._networks.spiking.run(images)
-            reference_features, reference_logits = self._networks.reference.run(images)
-        # (n, T, K, h, w) -> (n, K, T, h, w)
-        cam = np.moveaxis(class_activation_maps(features, weights), 2, 1)
-        cam_reference = class_activation_maps(reference_features, weights)
+            with timed("engine_ms"):
+                features, logits, rates = self._networks.spiking.run(images)
+            with timed("reference_ms"):
+                reference_features, reference_logits = self._networks.reference.run(images)
+        with timed("cam_ms"):
+            # (n, T, K, h, w) -> (n, K, T, h, w)
+            cam = np.moveaxis(class_activation_maps(features, weights), 2, 1)
+            cam_reference = class_activation_maps(reference_features, weights)
         arrays["cam"][rows] = cam
         arrays["logits"][rows] = logits
         arrays["cam_reference"][rows] = cam_reference
         arrays["logits_reference"][rows] = reference_logits
         arrays["firing_rate"][rows] = np.swapaxes(rates, 1, 2)
-        statistics = image_statistics(
-            cam, cam_reference, logits, reference_logits,
-            arrays["label"][rows], arrays["boxes"][rows], self._job.statistics,
-        )
+        with timed("statistics_ms"):
+            statistics = image_statistics(
+                cam, cam_reference, logits, reference_logits,
+                arrays["label"][rows], arrays["boxes"][rows], self._job.statistics,
+            )
         for name, values in statistics.items():
             arrays[name][rows] = values
         arrays["status"][rows] = STATUS_DONE

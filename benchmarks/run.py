@@ -1,0 +1,214 @@
+"""Benchmark the spiking CAM pipeline on the shipped model and sample, in one run.
+
+    python -m benchmarks.run [--steps 30] [--out docs/benchmarks.md]   (or: make benchmark)
+
+Measures, side by side on this machine: the Keras forward pass and the strict bound (the
+same model as a compiled function at batch images x steps, divided by steps);
+``nengo_dl.Simulator`` batched and one image at a time; the fast engine alone; the whole
+pipeline end to end (FnApiRunner, 1 and 2 worker processes) with where its time goes;
+peak memory of a worker for the dataset at 1x and 4x its size. Prints a table of ratios
+and writes it to ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import transforms.nengo_shim  # noqa: F401  (before TensorFlow)
+from pipeline.sample import SAMPLE_DATASET, SAMPLE_MODEL, Canvases, write_plain_tfrecord
+from transforms.fast_engine import FastSpikingNetwork
+from transforms.model_head import cam_model, find_cam_head, load_keras_model
+from transforms.nengo_shim import tf
+from transforms.spiking import SpikingNetwork, SpikingSettings
+
+BATCH = 16
+
+
+def sample_canvases() -> Canvases:
+    import tensorflow_datasets as tfds
+
+    rows = list(tfds.as_numpy(tfds.builder_from_directory(str(SAMPLE_DATASET)).as_dataset(split="test")))
+    return Canvases(np.stack([r["image"] for r in rows]), np.array([r["label"] for r in rows]),
+                    np.stack([r["objects"]["bbox"][0] for r in rows]))
+
+
+def rate(images: int, seconds: float) -> float:
+    return images / seconds
+
+
+def best_of(repeats: int, fn) -> float:
+    """Fastest wall time (s) of ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def keras_rates(x: np.ndarray, steps: int) -> tuple[float, float]:
+    """(forward pass images/s at batch 64, the bound: compiled at batch BATCH * steps / steps)."""
+    model = load_keras_model(SAMPLE_MODEL)
+    forward = tf.function(cam_model(model, find_cam_head(model)), jit_compile=True)
+    small = tf.constant(x[:64])
+    big = tf.constant(np.resize(x, (BATCH * steps,) + x.shape[1:]))
+    t_small = best_of(5, lambda: [t.numpy() for t in forward(small)])
+    t_big = best_of(3, lambda: [t.numpy() for t in forward(big)])
+    return rate(64, t_small), rate(BATCH * steps, t_big) / steps
+
+
+def engine_rate(engine, x: np.ndarray) -> float:
+    return rate(len(x), best_of(1, lambda: engine.run(x)))
+
+
+def pipeline_run(input_args: list[str], extra: list[str], workdir: Path, name: str) -> dict:
+    """Run the pipeline in a fresh process; its wall time, Beam metrics and peak memory."""
+    out = workdir / f"{name}.zarr"
+    code = f"""
+import json, resource, sys, time
+import transforms.nengo_shim
+from pipeline.cli import _settings, parser
+from pipeline.run import RunRequest, execute
+args, beam_args = parser().parse_known_args(sys.argv[1:])
+metrics = {{}}
+start = time.perf_counter()
+execute(RunRequest(input=tuple(args.input), split=args.split, model=args.model, output=args.output,
+                   settings=_settings(args), overwrite=True), beam_args, metrics)
+metrics["wall_s"] = time.perf_counter() - start
+metrics["self_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+metrics["children_max_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print("METRICS " + json.dumps(metrics))
+"""
+    command = [sys.executable, "-c", code, "run", *input_args, "--output", str(out), *extra]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"pipeline run {name} failed:\n{result.stderr[-3000:]}")
+    metrics = json.loads(result.stdout.split("METRICS ", 1)[1].splitlines()[0])
+    metrics["process_s"] = time.perf_counter() - started
+    return metrics
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    options.add_argument("--steps", type=int, default=30)
+    options.add_argument("--nengo-images", type=int, default=32, help="images for nengo_dl batched")
+    options.add_argument("--out", default="docs/benchmarks.md")
+    args = options.parse_args(argv)
+    steps = args.steps
+
+    canvases = sample_canvases()
+    x = canvases.images.astype(np.float32) / 255.0
+    n = len(x)
+    print(f"{n} sample images, {steps} steps, batch {BATCH}", flush=True)
+    forward, bound = keras_rates(x, steps)
+    print(f"keras forward {forward:.1f}/s, bound {bound:.1f}/s", flush=True)
+
+    model = load_keras_model(SAMPLE_MODEL)
+    head = find_cam_head(model)
+    settings = SpikingSettings(n_steps=steps, batch_size=BATCH)
+    fast = FastSpikingNetwork(model, head, settings)
+    fast_rate = engine_rate(fast, x)
+    print(f"fast engine {fast_rate:.1f}/s", flush=True)
+    nengo = SpikingNetwork(model, head, settings)
+    nengo_rate = engine_rate(nengo, x[: args.nengo_images])
+    nengo.close()
+    print(f"nengo_dl batched {nengo_rate:.2f}/s", flush=True)
+    single = SpikingNetwork(model, head, SpikingSettings(n_steps=steps, batch_size=1))
+    single_rate = engine_rate(single, x[:8])
+    single.close()
+    print(f"nengo_dl one image at a time {single_rate:.2f}/s", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        one = pipeline_run([], [], workdir, "one_worker")
+        print(f"pipeline, 1 worker: {one['wall_s']:.1f} s", flush=True)
+        two = pipeline_run([], ["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+                           workdir, "two_workers")
+        print(f"pipeline, 2 workers: {two['wall_s']:.1f} s", flush=True)
+        for copies in (1, 4):
+            folder = workdir / f"x{copies}"
+            folder.mkdir()
+            for i in range(copies):
+                write_plain_tfrecord(folder / f"part-{i}.tfrecord", canvases)
+        mem1 = pipeline_run(["--input", str(workdir / "x1" / "*.tfrecord")], [], workdir, "mem_x1")
+        mem4 = pipeline_run(["--input", str(workdir / "x4" / "*.tfrecord")], [], workdir, "mem_x4")
+        print(f"memory: 1x {mem1['self_max_rss_mb']:.0f} MB, 4x {mem4['self_max_rss_mb']:.0f} MB", flush=True)
+
+    end_to_end = n / one["wall_s"]
+    end_to_end_2 = n / two["wall_s"]
+    engine_share = one["engine_ms"] / 1000 / one["wall_s"]
+    overhead = (one["reference_ms"] + one["cam_ms"] + one["statistics_ms"] + one["write_ms"]) / 1000 / one["wall_s"]
+    startup = one["wall_s"] - (one["engine_ms"] + one["reference_ms"] + one["cam_ms"] + one["statistics_ms"]
+                               + one["write_ms"]) / 1000
+    rows = [
+        ("measurement", "images/s", "x bound", "x nengo_dl batched"),
+        ("Keras forward pass (batch 64, one pass per image)", f"{forward:.1f}", f"{forward / bound:.1f}", ""),
+        (f"bound: Keras compiled at batch {BATCH}x{steps}, / {steps} steps", f"{bound:.1f}", "1.00",
+         f"{bound / nengo_rate:.1f}"),
+        (f"nengo_dl.Simulator, minibatch {BATCH}", f"{nengo_rate:.2f}", f"{nengo_rate / bound:.3f}", "1.0"),
+        ("nengo_dl.Simulator, one image at a time", f"{single_rate:.2f}", f"{single_rate / bound:.3f}",
+         f"{single_rate / nengo_rate:.2f}"),
+        (f"fast engine alone, batch {BATCH}", f"{fast_rate:.1f}", f"{fast_rate / bound:.2f}",
+         f"{fast_rate / nengo_rate:.1f}"),
+        (f"pipeline end to end, 1 worker ({n} images, incl. start-up)", f"{end_to_end:.1f}",
+         f"{end_to_end / bound:.2f}", f"{end_to_end / nengo_rate:.1f}"),
+        ("pipeline end to end, 2 worker processes", f"{end_to_end_2:.1f}", f"{end_to_end_2 / bound:.2f}",
+         f"{end_to_end_2 / nengo_rate:.1f}"),
+    ]
+    split = [
+        ("where the 1-worker run's time goes", "seconds", "share"),
+        ("spiking engine", f"{one['engine_ms'] / 1000:.1f}", f"{engine_share:.0%}"),
+        ("Keras reference, CAMs, statistics, zarr writes", f"{overhead * one['wall_s']:.1f}", f"{overhead:.0%}"),
+        ("  of which statistics", f"{one['statistics_ms'] / 1000:.1f}", f"{one['statistics_ms'] / 1000 / one['wall_s']:.0%}"),
+        ("  of which zarr writes", f"{one['write_ms'] / 1000:.1f}", f"{one['write_ms'] / 1000 / one['wall_s']:.0%}"),
+        ("start-up, Beam, summary (the rest)", f"{startup:.1f}", f"{startup / one['wall_s']:.0%}"),
+    ]
+    memory = [
+        ("peak memory of the worker (1 worker, in-process)", "MB"),
+        (f"dataset 1x ({n} images)", f"{mem1['self_max_rss_mb']:.0f}"),
+        (f"dataset 4x ({4 * n} images)", f"{mem4['self_max_rss_mb']:.0f}"),
+        ("4x / 1x", f"{mem4['self_max_rss_mb'] / mem1['self_max_rss_mb']:.3f}"),
+        ("2-worker run: largest worker process", f"{two['children_max_rss_mb']:.0f}"),
+    ]
+    report = "\n".join([
+        "# Benchmarks",
+        "",
+        f"`python -m benchmarks.run` (`make benchmark`) on {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; the shipped model and sample, {steps} steps, spiking ReLU defaults. "
+        "All figures from one run; ratios are what to compare across machines.",
+        "",
+        table(rows),
+        "",
+        f"2 worker processes vs 1: {one['wall_s'] / two['wall_s']:.2f}x faster end to end.",
+        "",
+        table(split),
+        "",
+        table(memory),
+        "",
+    ])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
