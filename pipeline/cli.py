@@ -104,6 +104,9 @@ def _add_run_parser(commands) -> None:
                          help=f"firing-rate scale (default: {DEFAULT_SCALE_FIRING_RATES:g})")
     spiking.add_argument("--batch-size", type=_positive_int, default=16,
                          help="images per simulator minibatch (default: 16)")
+    spiking.add_argument("--worker-threads", type=_positive_int,
+                         help="TensorFlow threads per worker process (default: the cores shared "
+                         "out among --direct_num_workers processes; TensorFlow's default otherwise)")
     spiking.add_argument("--engine", choices=ENGINES, default="fast",
                          help="fast: each layer for all timesteps at once, in one compiled TensorFlow "
                          "function (falls back to nengo-dl, with a log line, where a network is not "
@@ -175,6 +178,7 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
             cam_threshold=args.cam_threshold,
             overwrite=args.overwrite,
             resume=args.resume,
+            worker_threads=args.worker_threads,
         )
     except ValueError as err:  # invalid settings
         print(f"cam-pipeline run: error: {err}", file=sys.stderr)

@@ -71,6 +71,7 @@ class RunRequest:
     cam_threshold: float = 0.2
     overwrite: bool = False
     resume: bool = False
+    worker_threads: int | None = None
 
 
 def _sha256(path: str) -> str:
@@ -187,7 +188,7 @@ def prepare(request: RunRequest) -> PreparedRun:
         run_attrs(request, head, dataset, layout),
     )
     job = ChunkJob(os.path.abspath(request.model), s, dataset.decoder, layout, statistics,
-                   request.preprocessing)
+                   request.preprocessing, request.worker_threads)
     return PreparedRun(dataset, job, template)
 
 
@@ -219,6 +220,16 @@ def beam_options(beam_args: list[str]) -> PipelineOptions:
     return PipelineOptions(args)
 
 
+def worker_threads(beam_args: list[str]) -> int | None:
+    """TensorFlow threads per worker for local multi-process runs: the cores shared out
+    among ``--direct_num_workers`` processes; None (TensorFlow's default) otherwise."""
+    options = beam_options(beam_args).get_all_options()
+    workers = options.get("direct_num_workers") or 1
+    if options.get("direct_running_mode") != "multi_processing" or workers <= 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = None) -> xr.Dataset:
     """Run the whole job (or what a resumed one lacks); return the store opened with xarray.
 
@@ -227,6 +238,8 @@ def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = No
     launcher's own timings (prepare_ms, pipeline_ms, summary_ms).
     """
     started = time.perf_counter()
+    if request.worker_threads is None:
+        request = dataclasses.replace(request, worker_threads=worker_threads(beam_args))
     run = prepare(request)
     prepared = time.perf_counter()
     layout = run.job.layout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -23,11 +24,12 @@ import xarray as xr
 
 from transforms.cam import class_activation_maps
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
+from transforms.nengo_shim import tf
 from transforms.fast_engine import FastSpikingNetwork
 from transforms.preprocess import Preprocessing
 from transforms.records import ExampleDecoder, TfdsDecoder
 from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
-from transforms.statistics import StatisticsSettings, image_statistics
+from transforms.statistics import StatisticsSettings, image_statistics_threaded
 from transforms.tfrecord_io import BadRecord
 from transforms.store import (
     STATUS_DONE,
@@ -66,6 +68,7 @@ class ChunkJob:
     layout: StoreLayout
     statistics: StatisticsSettings
     preprocessing: Preprocessing
+    threads_per_worker: int | None = None  # TensorFlow threads in each worker; None: TF's default
 
 
 def check_example(label: int, boxes: np.ndarray, n_classes: int, max_boxes: int) -> None:
@@ -76,12 +79,25 @@ def check_example(label: int, boxes: np.ndarray, n_classes: int, max_boxes: int)
         raise ValueError(f"{len(boxes)} boxes, more than --max-boxes={max_boxes}")
 
 
+def limit_threads(threads: int | None) -> None:
+    """Give this process's TensorFlow ``threads`` threads (e.g. cores / worker processes),
+    so that worker processes sharing a machine do not fight over its cores."""
+    if threads is None:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as err:  # TensorFlow already running in this process
+        log.info("cannot set TensorFlow threads to %d here: %s", threads, err)
+
+
 class Networks:
     """The spiking and reference networks of one job, and a lock to use them one at a time."""
 
     builds = 0  # how many were built in this process (tests check that it is one per run)
 
     def __init__(self, job: ChunkJob):
+        limit_threads(job.threads_per_worker)
         model = load_keras_model(job.model_path)
         self.head: CamHead = find_cam_head(model, job.model_path)
         engine = FastSpikingNetwork if job.settings.engine == "fast" else SpikingNetwork
@@ -151,9 +167,9 @@ class ComputeCamChunk(beam.DoFn):
         arrays["logits_reference"][rows] = reference_logits
         arrays["firing_rate"][rows] = np.swapaxes(rates, 1, 2)
         with timed("statistics_ms"):
-            statistics = image_statistics(
-                cam, cam_reference, logits, reference_logits,
-                arrays["label"][rows], arrays["boxes"][rows], self._job.statistics,
+            statistics = image_statistics_threaded(
+                cam, cam_reference, logits, reference_logits, arrays["label"][rows], arrays["boxes"][rows],
+                settings=self._job.statistics, threads=self._job.threads_per_worker or os.cpu_count() or 1,
             )
         for name, values in statistics.items():
             arrays[name][rows] = values

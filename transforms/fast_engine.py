@@ -152,6 +152,17 @@ def _initial_states(converted, neuron_layers: tuple[str, ...], dt: float) -> dic
     }
 
 
+def _scan_emissions(step, sequence: tf.Tensor, initial):
+    """Run ``step(carry, x) -> (carry, emitted)`` over ``sequence`` (time-major); return the
+    emissions stacked over time (tf.scan keeps only one structure, so carry both)."""
+    def body(carry_and_emitted, x):
+        return step(carry_and_emitted[0], x)
+
+    first = step(initial, sequence[0])[1]
+    _, emitted = tf.scan(body, sequence, initializer=(initial, tf.nest.map_structure(tf.zeros_like, first)))
+    return emitted
+
+
 def _lowpass(signal: tf.Tensor, tau: float | None, dt: float) -> tf.Tensor:
     """NengoDL's lowpass synapse over time-major ``signal`` (T, ...): one step of delay."""
     if tau is None or tau == 0:
@@ -182,51 +193,67 @@ class FastSpikingNetwork:
         self._states = _initial_states(converted, self.neuron_layers, settings.dt)
         self._neuron = settings.neuron
         self._scale = np.float32(settings.scale_firing_rates)
-        self._run = tf.function(self._simulate, jit_compile=jit_compile, reduce_retracing=True)
+        self._run = tf.function(self._simulate, jit_compile=jit_compile, autograph=False)
 
     def close(self) -> None:
         """Nothing to release (same interface as SpikingNetwork)."""
 
-    def _neurons(self, current: tf.Tensor, name: str, constant: bool) -> tf.Tensor:
-        """Spikes (or rates) times amplitude of a population, time-major (T, B, ...).
-
-        current: J, (B, ...) if ``constant`` else (T, B, ...).
-        """
-        s, steps = self.settings, self.settings.n_steps
-        dt = tf.constant(s.dt, tf.float32)
-        amplitude = tf.constant(1.0 / self._scale, tf.float32)  # the converter's amplitude / scale
-        batch_shape = tf.shape(current)[0 if constant else 1 :]
+    def _update(self, J: tf.Tensor, state: tuple) -> tuple[tf.Tensor, tuple]:
+        """One step of nengo-dl's neuron update: (output = spikes * amplitude / dt or rate *
+        amplitude, new state)."""
+        dt = tf.constant(self.settings.dt, tf.float32)
+        amplitude = tf.constant(1.0 / self._scale, tf.float32)  # the converter's 1 / scale
         if self._neuron == "relu":
-            rates = tf.nn.relu(current) * amplitude
-            return tf.broadcast_to(rates[None], tf.concat([[steps], batch_shape], 0)) if constant else rates
-        sequence = tf.broadcast_to(current[None], tf.concat([[steps], batch_shape], 0)) if constant else current
-        init = {k: tf.broadcast_to(tf.reshape(v, (1,) + tuple(current.shape[1 if constant else 2 :])), batch_shape)
-                for k, v in self._states[name].items()}
-        alpha = amplitude / dt
+            return tf.nn.relu(J) * amplitude, state
         if self._neuron == "spiking-relu":
-            def step(carry, J):
-                voltage = carry[1] + tf.nn.relu(J) * dt
-                n_spikes = tf.floor(voltage)
-                return n_spikes * alpha, voltage - n_spikes
-
-            spikes, _ = tf.scan(step, sequence, initializer=(tf.zeros_like(init["voltage"]), init["voltage"]))
-            return spikes
-        tau_rc, tau_ref = tf.constant(0.02, tf.float32), tf.constant(0.002, tf.float32)
+            voltage = state[0] + tf.nn.relu(J) * dt
+            n_spikes = tf.floor(voltage)
+            return n_spikes * (amplitude / dt), (voltage - n_spikes,)
+        voltage, refractory = state
         one, zero = tf.constant(1.0, tf.float32), tf.constant(0.0, tf.float32)
+        tau_rc, tau_ref = tf.constant(0.02, tf.float32), tf.constant(0.002, tf.float32)
+        delta_t = tf.clip_by_value(dt - refractory, zero, dt)
+        voltage = voltage + (voltage - J) * tf.math.expm1(-delta_t / tau_rc)
+        spiked = voltage > one
+        partial_ref = -tau_rc * tf.math.log1p((one - voltage) / (J - one))
+        refractory = tf.where(spiked, tau_ref - partial_ref, refractory - dt)
+        voltage = tf.where(spiked, tf.zeros_like(voltage), tf.maximum(voltage, zero))
+        return tf.cast(spiked, tf.float32) * (amplitude / dt), (voltage, refractory)
 
-        def lif(carry, J):
-            _, voltage, refractory = carry
-            delta_t = tf.clip_by_value(dt - refractory, zero, dt)
-            voltage = voltage + (voltage - J) * tf.math.expm1(-delta_t / tau_rc)
-            spiked = voltage > one
-            partial_ref = -tau_rc * tf.math.log1p((one - voltage) / (J - one))
-            refractory = tf.where(spiked, tau_ref - partial_ref, refractory - dt)
-            voltage = tf.where(spiked, tf.zeros_like(voltage), tf.maximum(voltage, zero))
-            return tf.cast(spiked, tf.float32) * alpha, voltage, refractory
+    def _neurons(self, current: tf.Tensor, name: str, constant: bool, taus: tuple) -> tuple:
+        """Run a population over all steps, with its synapses fused into the same scan.
 
-        zeros = tf.zeros_like(init["voltage"])
-        spikes, _, _ = tf.scan(lif, sequence, initializer=(zeros, init["voltage"], init["refractory_time"]))
-        return spikes
+        current: J, (B, ...) if ``constant`` (the same every step) else (T, B, ...).
+        taus: lowpass time constants to apply to the output (None: unfiltered).
+        Returns ([output filtered by each tau], time-major (T, B, ...)) and the mean rate
+        (T, B) in Hz. Filters follow nengo's synapse timing: F(0) = 0,
+        F(t) = a F(t-1) + (1 - a) s(t-1).
+        """
+        dt = self.settings.dt
+        shape = tf.shape(current)[0 if constant else 1 :]
+        names = ("voltage", "refractory_time") if self._neuron == "lif" else ("voltage",)
+        state = tuple(
+            tf.broadcast_to(tf.reshape(self._states[name][k], (1,) + tuple(current.shape[1 if constant else 2 :])), shape)
+            for k in names
+        ) if self._neuron != "relu" else ()
+        decays = [None if tau is None or tau == 0 else math.exp(-dt / tau) for tau in taus]
+        zeros = tf.zeros(shape, tf.float32)
+        axes = tuple(range(1, len(current.shape) - (0 if constant else 1)))  # all but the batch
+
+        def step(carry, J):
+            output_before, filtered, state = carry
+            filtered = tuple(
+                f if a is None else a * f + (1 - a) * output_before for f, a in zip(filtered, decays)
+            )
+            J = current if constant else J
+            output, state = self._update(J, state)
+            emitted = tuple(output if a is None else f for f, a in zip(filtered, decays))
+            return (output, filtered, state), (emitted, tf.reduce_mean(output, axis=axes) * self._scale)
+
+        sequence = tf.zeros((self.settings.n_steps,)) if constant else current
+        initial = (zeros, tuple(zeros for _ in taus), state)
+        outputs, rates = _scan_emissions(step, sequence, initial)
+        return list(outputs), rates
 
     def _linear(self, step: Step, x: tf.Tensor) -> tf.Tensor:
         """The step's linear op on (N, ...) values, without bias."""
@@ -246,8 +273,11 @@ class FastSpikingNetwork:
         s = self.settings
         steps = s.n_steps
         x, time_major = images, False  # (B, ...) until the first neurons, then (T, B, ...)
-        rates = []
-        for step in self.steps:
+        rates, output = [], None
+        last_neurons = max((i for i, step in enumerate(self.steps) if step.neurons), default=None)
+        if last_neurons is None:
+            raise UnsupportedNetwork("no neuron layer before the feature map")
+        for index, step in enumerate(self.steps):
             if time_major:
                 flat = tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
                 y = self._linear(step, flat)
@@ -261,21 +291,20 @@ class FastSpikingNetwork:
                     current = self._scale * y + self._scale * step.bias
                 else:
                     current = self._scale * (y + step.bias)
-                spikes = self._neurons(current, step.name, constant=not time_major)
+                # The feature layer also feeds the probe, through its own synapse.
+                taus = (s.synapse, s.probe_synapse) if index == last_neurons else (s.synapse,)
+                outputs, rate = self._neurons(current, step.name, not time_major, taus)
                 time_major = True
-                axes = tf.range(2, tf.rank(spikes))
-                rates.append(tf.reduce_mean(spikes, axis=axes) * self._scale)  # (T, B) Hz
-                x = _lowpass(spikes, s.synapse, s.dt)
-                output = spikes
+                rates.append(rate)
+                x = outputs[0]
+                output = outputs[1] if index == last_neurons else None
             else:
                 x = y if step.bias is None else y + step.bias
-                output = x
-        if not time_major:
-            raise UnsupportedNetwork("no neuron layer before the feature map")
-        features = _lowpass(output, s.probe_synapse, s.dt)  # the feature probe
+                if index > last_neurons:  # a linear feature layer after the last neurons
+                    output = _lowpass(x, s.probe_synapse, s.dt)
         pooled = tf.reduce_mean(x, axis=(2, 3))  # GAP of what the Dense reads: (T, B, C)
         logits = tf.tensordot(pooled, self.head.weights, axes=1) + self.head.bias
-        return (tf.transpose(features, (1, 0, 2, 3, 4)), tf.transpose(logits, (1, 0, 2)),
+        return (tf.transpose(output, (1, 0, 2, 3, 4)), tf.transpose(logits, (1, 0, 2)),
                 tf.transpose(tf.stack(rates, axis=-1), (1, 0, 2)))
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -31,8 +31,9 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
 def upsample(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling of (..., h, w) maps to (..., H, W), float32."""
     h, w = cams.shape[-2:]
-    rows, cols = bilinear_matrix(h, size[0]), bilinear_matrix(w, size[1])
-    return np.einsum("Yy,...yx,Xx->...YX", rows, cams, cols, optimize=True).astype(np.float32)
+    rows = bilinear_matrix(h, size[0]).astype(np.float32)
+    cols = bilinear_matrix(w, size[1]).astype(np.float32)
+    return np.matmul(np.matmul(rows, cams.astype(np.float32, copy=False)), cols.T)
 
 
 def cam_boxes(maps: np.ndarray, threshold: float = 0.2) -> np.ndarray:
@@ -53,15 +54,27 @@ def cam_boxes(maps: np.ndarray, threshold: float = 0.2) -> np.ndarray:
     boxes = np.full((len(flat), 4), np.nan, np.float32)
     if n_labels == 0:
         return boxes.reshape(lead + (4,))
-    sizes = np.bincount(labels.ravel(), minlength=n_labels + 1)
-    slices = ndimage.find_objects(labels)
-    owner = np.array([s[0].start for s in slices])  # the map each label lies in
+    # Labels are numbered in raster order, so each map's labels form a contiguous range.
+    last_label = np.maximum.accumulate(labels.reshape(len(flat), -1).max(axis=1))
+    owner = np.searchsorted(last_label, np.arange(1, n_labels + 1))  # map of each label
+    sizes = np.bincount(labels.ravel(), minlength=n_labels + 1)[1:]
     # Largest label per map: sort by (map, -size, label) and keep each map's first.
-    order = np.lexsort((np.arange(1, n_labels + 1), -sizes[1:], owner))
+    order = np.lexsort((np.arange(n_labels), -sizes, owner))
     first = np.r_[True, owner[order][1:] != owner[order][:-1]]
-    for label in order[first]:
-        ys, xs = slices[label][1], slices[label][2]
-        boxes[owner[label]] = (ys.start / height, xs.start / width, ys.stop / height, xs.stop / width)
+    best = np.zeros(len(flat), np.int64)
+    best[owner[order][first]] = order[first] + 1
+    has_box = best > 0
+    inside = labels[has_box] == best[has_box, None, None]
+    rows, cols = inside.any(axis=2), inside.any(axis=1)
+    boxes[has_box] = np.stack(
+        [
+            rows.argmax(axis=1) / height,
+            cols.argmax(axis=1) / width,
+            (height - rows[:, ::-1].argmax(axis=1)) / height,
+            (width - cols[:, ::-1].argmax(axis=1)) / width,
+        ],
+        axis=1,
+    )
     return boxes.reshape(lead + (4,))
 
 
