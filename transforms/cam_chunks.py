@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -104,6 +105,8 @@ class Networks:
         self.spiking = engine(model, self.head, job.settings)
         self.reference = ReferenceNetwork(model, self.head)
         self.lock = threading.Lock()
+        self.statistics_threads = job.threads_per_worker or os.cpu_count() or 1
+        self.statistics_pool = ThreadPoolExecutor(self.statistics_threads) if self.statistics_threads > 1 else None
         Networks.builds += 1
 
 
@@ -169,7 +172,8 @@ class ComputeCamChunk(beam.DoFn):
         with timed("statistics_ms"):
             statistics = image_statistics_threaded(
                 cam, cam_reference, logits, reference_logits, arrays["label"][rows], arrays["boxes"][rows],
-                settings=self._job.statistics, threads=self._job.threads_per_worker or os.cpu_count() or 1,
+                settings=self._job.statistics, pool=self._networks.statistics_pool,
+                threads=self._networks.statistics_threads,
             )
         for name, values in statistics.items():
             arrays[name][rows] = values

@@ -172,11 +172,16 @@ def image_statistics(
     return out
 
 
-def image_statistics_threaded(*arrays: np.ndarray, settings: StatisticsSettings, threads: int) -> dict[str, np.ndarray]:
-    """``image_statistics`` over ``threads`` groups of images in parallel threads (scipy's
-    labelling and numpy release the GIL); the same result, image by image."""
+def image_statistics_threaded(
+    *arrays: np.ndarray, settings: StatisticsSettings, pool: ThreadPoolExecutor | None, threads: int
+) -> dict[str, np.ndarray]:
+    """``image_statistics`` over groups of images in the threads of ``pool`` (scipy's
+    labelling and numpy release the GIL), or inline without one; the same result, image by
+    image. Keep one pool (of ``threads`` threads) per process: threads made anew for every
+    chunk each get a malloc arena of their own, and the process's memory grows with the data."""
     n = len(arrays[0])
     groups = [g for g in np.array_split(np.arange(n), max(1, min(threads, n))) if len(g)]
-    with ThreadPoolExecutor(len(groups)) as pool:
-        parts = list(pool.map(lambda rows: image_statistics(*(a[rows] for a in arrays), settings), groups))
+    if pool is None or len(groups) == 1:
+        return image_statistics(*arrays, settings)
+    parts = list(pool.map(lambda rows: image_statistics(*(a[rows] for a in arrays), settings), groups))
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
