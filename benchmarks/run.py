@@ -75,13 +75,13 @@ def engine_rate(engine, x: np.ndarray) -> float:
 def pipeline_run(input_args: list[str], extra: list[str], workdir: Path, name: str) -> dict:
     """Run the pipeline in a fresh process; its wall time, Beam metrics and peak memory."""
     out = workdir / f"{name}.zarr"
-    code = f"""
+    code = """
 import json, resource, sys, time
 import transforms.nengo_shim
 from pipeline.cli import _settings, parser
 from pipeline.run import RunRequest, execute
 args, beam_args = parser().parse_known_args(sys.argv[1:])
-metrics = {{}}
+metrics = {}
 start = time.perf_counter()
 execute(RunRequest(input=tuple(args.input), split=args.split, model=args.model, output=args.output,
                    settings=_settings(args), overwrite=True), beam_args, metrics)

@@ -11,7 +11,12 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from transforms.store import LAZY_VARIABLES, STATUS_DONE, STATUS_FAILED, STATUS_NEVER_WRITTEN
+from transforms.store import (
+    LAZY_VARIABLES,
+    STATUS_DONE,
+    STATUS_FAILED,
+    STATUS_NEVER_WRITTEN,
+)
 
 REQUIRED_ATTRS = (
     "model_file", "model_sha256", "neuron", "n_steps", "dt", "synapse", "probe_synapse",

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 
 from pipeline.sample import SAMPLE_MODEL
-from transforms.model_head import ModelHeadError, cam_model, find_cam_head, load_keras_model
+from transforms.model_head import (
+    ModelHeadError,
+    cam_model,
+    find_cam_head,
+    load_keras_model,
+)
 from transforms.nengo_shim import tf_keras
 
 layers = tf_keras.layers

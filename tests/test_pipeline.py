@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import xarray as xr
 
 from pipeline.sample import LABEL_NAMES

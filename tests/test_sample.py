@@ -6,7 +6,13 @@ import json
 
 import numpy as np
 
-from pipeline.sample import CANVAS, LABEL_NAMES, SAMPLE_DIR, place_digits, write_tfds_dataset
+from pipeline.sample import (
+    CANVAS,
+    LABEL_NAMES,
+    SAMPLE_DIR,
+    place_digits,
+    write_tfds_dataset,
+)
 
 
 def _digits(n: int) -> np.ndarray:

@@ -1,9 +1,10 @@
 """Beam DoFn: one store chunk's records in, that whole chunk's CAMs out.
 
-The networks (NengoDL simulator and Keras reference) are built once per worker process
-(``beam.utils.shared.Shared``: DoFn instances on several threads of one process share
-them, one at a time) and reused for every chunk. Records that fail to decode or fit the
-model are marked ``status == 2`` with the reason; the rest are simulated together.
+The networks (the spiking engine, fast or NengoDL's, and the Keras reference) are built
+once per worker process (``beam.utils.shared.Shared``: DoFn instances on several threads
+of one process share them, one at a time) and reused for every chunk. Records that fail
+to decode or fit the model are marked ``status == 2`` with the reason; the rest are
+simulated together.
 """
 
 from __future__ import annotations
@@ -18,20 +19,19 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
-from apache_beam.utils.shared import Shared
 import numpy as np
 import xarray as xr
+from apache_beam.metrics import Metrics
+from apache_beam.utils.shared import Shared
 
 from transforms.cam import class_activation_maps
+from transforms.fast_engine import FastSpikingNetwork
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.nengo_shim import tf
-from transforms.fast_engine import FastSpikingNetwork
 from transforms.preprocess import Preprocessing
 from transforms.records import ExampleDecoder, TfdsDecoder
 from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
 from transforms.statistics import StatisticsSettings, image_statistics_threaded
-from transforms.tfrecord_io import BadRecord
 from transforms.store import (
     STATUS_DONE,
     STATUS_FAILED,
@@ -41,6 +41,7 @@ from transforms.store import (
     chunk_key,
     empty_chunk,
 )
+from transforms.tfrecord_io import BadRecord
 
 log = logging.getLogger(__name__)
 

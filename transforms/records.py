@@ -25,7 +25,13 @@ from typing import Iterator
 import numpy as np
 
 from transforms.nengo_shim import tf
-from transforms.tfrecord_io import BadRecord, FileUnreadable, is_gzip, read_tfrecord, scan_tfrecord
+from transforms.tfrecord_io import (
+    BadRecord,
+    FileUnreadable,
+    is_gzip,
+    read_tfrecord,
+    scan_tfrecord,
+)
 
 BBOX_COORDS = ("ymin", "xmin", "ymax", "xmax")
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")  # JPEG, PNG, GIF, BMP

@@ -17,8 +17,8 @@ from transforms.localization import (
     best_iou,
     cam_boxes,
     energy_in_boxes,
-    pearson,
     peak_locations,
+    pearson,
     pointing_game,
     upsample,
 )
