@@ -231,11 +231,11 @@ class FastSpikingNetwork:
         """
         dt = self.settings.dt
         shape = tf.shape(current)[0 if constant else 1 :]
-        names = ("voltage", "refractory_time") if self._neuron == "lif" else ("voltage",)
-        state = tuple(
-            tf.broadcast_to(tf.reshape(self._states[name][k], (1,) + tuple(current.shape[1 if constant else 2 :])), shape)
-            for k in names
-        ) if self._neuron != "relu" else ()
+        state = ()  # rate ReLU neurons have none
+        if self._neuron != "relu":
+            names = ("voltage", "refractory_time") if self._neuron == "lif" else ("voltage",)
+            neuron_shape = (1,) + tuple(current.shape[1 if constant else 2 :])
+            state = tuple(tf.broadcast_to(tf.reshape(self._states[name][k], neuron_shape), shape) for k in names)
         decays = [None if tau is None or tau == 0 else math.exp(-dt / tau) for tau in taus]
         zeros = tf.zeros(shape, tf.float32)
         axes = tuple(range(1, len(current.shape) - (0 if constant else 1)))  # all but the batch
