@@ -123,6 +123,16 @@ def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
     return steps
 
 
+def checked_plan(model: tf_keras.Model, head: CamHead, neuron_layers: tuple[str, ...]) -> list[Step]:
+    """``plan``, checked against the converter's neuron layers (``neuron_layers``), whose
+    initial states and rate probes the engine reuses; UnsupportedNetwork if they differ."""
+    steps = plan(model, head)
+    planned = tuple(step.name for step in steps if step.neurons)
+    if planned != neuron_layers:
+        raise UnsupportedNetwork(f"neuron layers {planned} differ from the converter's {neuron_layers}")
+    return steps
+
+
 def effective_settings(
     model: tf_keras.Model, head: CamHead, settings: SpikingSettings, neuron_layers: tuple[str, ...]
 ) -> SpikingSettings:
@@ -131,9 +141,7 @@ def effective_settings(
     if settings.engine != "fast":
         return settings
     try:
-        planned = tuple(step.name for step in plan(model, head) if step.neurons)
-        if planned != neuron_layers:
-            raise UnsupportedNetwork(f"neuron layers {planned} differ from the converter's {neuron_layers}")
+        checked_plan(model, head, neuron_layers)
     except UnsupportedNetwork as err:
         log.warning("engine 'fast' does not support this network (%s): using 'nengo-dl'", err)
         return dataclasses.replace(settings, engine="nengo-dl")
@@ -182,14 +190,9 @@ class FastSpikingNetwork:
     def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings, jit_compile: bool = True):
         self.head = head
         self.settings = settings
-        self.steps = plan(model, head)
         converted = convert(model, head, settings)
         self.neuron_layers = converted.neuron_layers
-        if tuple(s.name for s in self.steps if s.neurons) != self.neuron_layers:
-            raise UnsupportedNetwork(
-                f"neuron layers {self.neuron_layers} do not match the plan's "
-                f"{tuple(s.name for s in self.steps if s.neurons)}"
-            )
+        self.steps = checked_plan(model, head, self.neuron_layers)
         self._states = _initial_states(converted, self.neuron_layers, settings.dt)
         self._neuron = settings.neuron
         self._scale = np.float32(settings.scale_firing_rates)
