@@ -78,19 +78,18 @@ def pipeline_run(input_args: list[str], extra: list[str], workdir: Path, name: s
     code = """
 import json, resource, sys, time
 import transforms.nengo_shim
-from pipeline.cli import _settings, parser
-from pipeline.run import RunRequest, execute
+from pipeline.cli import parser, request_from_args
+from pipeline.run import execute
 args, beam_args = parser().parse_known_args(sys.argv[1:])
 metrics = {}
 start = time.perf_counter()
-execute(RunRequest(input=tuple(args.input), split=args.split, model=args.model, output=args.output,
-                   settings=_settings(args), overwrite=True), beam_args, metrics)
+execute(request_from_args(args), beam_args, metrics)
 metrics["wall_s"] = time.perf_counter() - start
 metrics["self_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 metrics["children_max_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print("METRICS " + json.dumps(metrics))
 """
-    command = [sys.executable, "-c", code, "run", *input_args, "--output", str(out), *extra]
+    command = [sys.executable, "-c", code, "run", *input_args, "--output", str(out), "--overwrite", *extra]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:

@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 # Import first: selects tf-keras and makes nengo-dl importable.
 import transforms.nengo_shim  # noqa: F401
 from pipeline.sample import SAMPLE_DATASET, SAMPLE_MODEL
 from transforms.preprocess import SCALINGS, Preprocessing
 from transforms.spiking import ENGINES, NEURON_TYPES, SpikingSettings
+
+if TYPE_CHECKING:
+    from pipeline.run import RunRequest
 
 # Spiking defaults, chosen on the shipped sample (see README, "Spiking defaults").
 DEFAULT_SYNAPSE = 0.005
@@ -159,27 +163,35 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+def request_from_args(args: argparse.Namespace) -> RunRequest:
+    """The ``pipeline.run.RunRequest`` that parsed ``run`` arguments ask for (ValueError on
+    invalid settings)."""
+    from pipeline.run import RunRequest
+
+    return RunRequest(
+        input=tuple(args.input),
+        split=args.split,
+        model=args.model,
+        output=args.output,
+        settings=_settings(args),
+        preprocessing=Preprocessing(args.scaling, args.mean, args.std, args.keras_app),
+        feature_keys=(("image", args.image_key), ("label", args.label_key), ("bbox", args.bbox_keys)),
+        raw_shape=args.raw_shape,
+        limit=args.limit,
+        max_boxes=args.max_boxes,
+        images_per_chunk=args.images_per_chunk,
+        cam_threshold=args.cam_threshold,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        worker_threads=args.worker_threads,
+    )
+
+
 def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.run import RequestError, RunRequest, execute, summary
+    from pipeline.run import RequestError, execute, summary
 
     try:
-        request = RunRequest(
-            input=tuple(args.input),
-            split=args.split,
-            model=args.model,
-            output=args.output,
-            settings=_settings(args),
-            preprocessing=Preprocessing(args.scaling, args.mean, args.std, args.keras_app),
-            feature_keys=(("image", args.image_key), ("label", args.label_key), ("bbox", args.bbox_keys)),
-            raw_shape=args.raw_shape,
-            limit=args.limit,
-            max_boxes=args.max_boxes,
-            images_per_chunk=args.images_per_chunk,
-            cam_threshold=args.cam_threshold,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            worker_threads=args.worker_threads,
-        )
+        request = request_from_args(args)
     except ValueError as err:  # invalid settings
         print(f"cam-pipeline run: error: {err}", file=sys.stderr)
         return 2
