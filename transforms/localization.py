@@ -13,7 +13,8 @@ units, clamped to the outer cell centres.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+
+from transforms.components import largest_component_boxes, sweep_component_boxes
 
 
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -44,38 +45,21 @@ def cam_boxes(maps: np.ndarray, threshold: float = 0.2) -> np.ndarray:
     box: NaN. Ties between equally large blobs go to the one whose first pixel comes
     first in row-major order.
     """
-    lead, (height, width) = maps.shape[:-2], maps.shape[-2:]
-    flat = maps.reshape(-1, height, width)
-    peak = flat.max(axis=(1, 2))
-    mask = (flat >= threshold * peak[:, None, None]) & (peak[:, None, None] > 0)
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = True  # 8-connectivity within a map, none across maps
-    labels, n_labels = ndimage.label(mask, structure=structure)
-    boxes = np.full((len(flat), 4), np.nan, np.float32)
-    if n_labels == 0:
-        return boxes.reshape(lead + (4,))
-    # Labels are numbered in raster order, so each map's labels form a contiguous range.
-    last_label = np.maximum.accumulate(labels.reshape(len(flat), -1).max(axis=1))
-    owner = np.searchsorted(last_label, np.arange(1, n_labels + 1))  # map of each label
-    sizes = np.bincount(labels.ravel(), minlength=n_labels + 1)[1:]
-    # Largest label per map: sort by (map, -size, label) and keep each map's first.
-    order = np.lexsort((np.arange(n_labels), -sizes, owner))
-    first = np.r_[True, owner[order][1:] != owner[order][:-1]]
-    best = np.zeros(len(flat), np.int64)
-    best[owner[order][first]] = order[first] + 1
-    has_box = best > 0
-    inside = labels[has_box] == best[has_box, None, None]
-    rows, cols = inside.any(axis=2), inside.any(axis=1)
-    boxes[has_box] = np.stack(
-        [
-            rows.argmax(axis=1) / height,
-            cols.argmax(axis=1) / width,
-            (height - rows[:, ::-1].argmax(axis=1)) / height,
-            (width - cols[:, ::-1].argmax(axis=1)) / width,
-        ],
-        axis=1,
-    )
-    return boxes.reshape(lead + (4,))
+    lead, size = maps.shape[:-2], maps.shape[-2:]
+    flat = np.ascontiguousarray(maps, np.float32).reshape((-1,) + size)
+    return largest_component_boxes(flat, np.float32(threshold)).reshape(lead + (4,))
+
+
+def sweep_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Box of the largest 8-connected blob of ``values >= t`` for each threshold t.
+
+    values: (H, W); thresholds: (S,) ascending. Returns (S, 4) normalized boxes, NaN where
+    no pixel reaches t. Ties as in ``cam_boxes``.
+    """
+    thresholds = np.asarray(thresholds, np.float64)
+    if np.any(np.diff(thresholds) < 0):
+        raise ValueError("sweep thresholds must be ascending")
+    return sweep_component_boxes(np.ascontiguousarray(values, np.float32), thresholds)
 
 
 def box_area(boxes: np.ndarray) -> np.ndarray:

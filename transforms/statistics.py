@@ -20,6 +20,7 @@ from transforms.localization import (
     peak_locations,
     pearson,
     pointing_game,
+    sweep_boxes,
     upsample,
 )
 
@@ -92,8 +93,7 @@ def max_box_hits(maps: np.ndarray, truth: np.ndarray, settings: StatisticsSettin
         up = upsample(maps[i], settings.size)
         low, span = up.min(), up.max() - up.min()
         normalized = (up - low) / span if span > 0 else np.zeros_like(up)
-        keep = normalized[None] >= settings.thresholds[:, None, None]  # (S, H, W)
-        boxes = cam_boxes(keep.astype(np.float32), 1.0)  # boxes of the kept masks
+        boxes = sweep_boxes(normalized, settings.thresholds)
         iou = best_iou(boxes[None], truth[i : i + 1])[0]
         hits[i] = _flag(iou >= IOU_LOCALIZED, ~np.isnan(iou))
     return hits

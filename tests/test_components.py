@@ -1,0 +1,75 @@
+"""The compiled largest-component kernels against scipy.ndimage, map by map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from transforms.localization import cam_boxes, sweep_boxes
+from transforms.statistics import sweep_thresholds
+
+
+def scipy_box(mask: np.ndarray) -> np.ndarray:
+    """Box of the largest 8-connected component of one (H, W) mask; ties to the first
+    component in row-major order (ndimage numbers labels in that order)."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return np.full(4, np.nan, np.float32)
+    sizes = np.bincount(labels.ravel())[1:]
+    rows, cols = ndimage.find_objects(labels)[int(np.argmax(sizes))]
+    height, width = mask.shape
+    return np.array([rows.start / height, cols.start / width, rows.stop / height, cols.stop / width], np.float32)
+
+
+def scipy_cam_box(cam: np.ndarray, threshold: float) -> np.ndarray:
+    peak = cam.max()
+    return scipy_box(cam >= np.float32(threshold) * peak) if peak > 0 else np.full(4, np.nan, np.float32)
+
+
+# Few distinct levels make plateaus, touching blobs and equally large blobs (ties) common.
+maps = st.tuples(st.integers(1, 4), st.integers(1, 14), st.integers(1, 14), st.integers(0, 2**32 - 1)).map(
+    lambda a: (np.random.default_rng(a[3]).integers(-1, 4, size=a[:3]) / 3).astype(np.float32)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(maps, st.sampled_from([0.2, 0.5, 1.0]))
+def test_cam_boxes_equal_scipy_labelling(stack, threshold):
+    expected = np.stack([scipy_cam_box(m, threshold) for m in stack])
+    np.testing.assert_array_equal(cam_boxes(stack, threshold), expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(maps)
+def test_sweep_equals_labelling_each_threshold(stack):
+    values = stack[0]
+    thresholds = sweep_thresholds()
+    expected = np.stack([scipy_box(values >= t) for t in thresholds])
+    np.testing.assert_array_equal(sweep_boxes(values, thresholds), expected)
+
+
+def test_smooth_maps_equal_scipy():
+    rng = np.random.default_rng(1)
+    stack = ndimage.gaussian_filter(rng.normal(size=(40, 64, 64)), (0, 3, 3)).astype(np.float32)
+    expected = np.stack([scipy_cam_box(m, 0.2) for m in stack])
+    np.testing.assert_array_equal(cam_boxes(stack, 0.2), expected)
+    values = (stack[0] - stack[0].min()) / np.ptp(stack[0])
+    expected = np.stack([scipy_box(values >= t) for t in sweep_thresholds()])
+    np.testing.assert_array_equal(sweep_boxes(values, sweep_thresholds()), expected)
+
+
+def test_equal_blobs_go_to_the_first_in_row_major_order():
+    mask = np.zeros((5, 5), np.float32)
+    mask[0, 3:5] = 1  # first pixel (0, 3)
+    mask[3:5, 0] = 1  # same size, first pixel (3, 0)
+    first = np.array([0, 0.6, 0.2, 1.0], np.float32)
+    np.testing.assert_array_equal(cam_boxes(mask[None], 1.0)[0], first)
+    np.testing.assert_array_equal(sweep_boxes(mask, [0.5])[0], first)
+
+
+def test_sweep_thresholds_must_be_ascending():
+    with pytest.raises(ValueError, match="ascending"):
+        sweep_boxes(np.ones((2, 2)), [0.5, 0.1])

@@ -1,0 +1,155 @@
+"""Largest 8-connected component of thresholded maps, compiled with numba.
+
+The localization statistics box the largest blob of ~500 64x64 masks per image (every
+class and step, plus a 100-threshold sweep). ``scipy.ndimage.label`` followed by numpy
+box extraction cost ~25 ms per image, and OpenCV's labelling with statistics ~8 ms; these
+kernels label, measure and box in one union-find pass per map (~0.02 ms).
+
+Components are found with union-find on 8-connectivity; each component's root is its first
+pixel in row-major order, so ties between equally large components go to the one whose
+first pixel comes first. Boxes are (ymin, xmin, ymax, xmax) on pixel edges, normalized by
+the map size, NaN for "no component".
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+@numba.njit(nogil=True, cache=True)
+def _find(parent: np.ndarray, i: int) -> int:
+    root = i
+    while parent[root] != root:
+        root = parent[root]
+    while parent[i] != root:  # path compression
+        parent[i], i = root, parent[i]
+    return root
+
+
+@numba.njit(nogil=True, cache=True)
+def _union(parent, area, bounds, root: int, pixel: int) -> int:
+    """Merge the component whose root is ``root`` with ``pixel``'s; the merged root is the
+    earlier of the two roots. Returns it."""
+    other = _find(parent, pixel)
+    if other == root:
+        return root
+    root, child = (root, other) if root < other else (other, root)
+    parent[child] = root
+    area[root] += area[child]
+    bounds[root, 0] = min(bounds[root, 0], bounds[child, 0])
+    bounds[root, 1] = min(bounds[root, 1], bounds[child, 1])
+    bounds[root, 2] = max(bounds[root, 2], bounds[child, 2])
+    bounds[root, 3] = max(bounds[root, 3], bounds[child, 3])
+    return root
+
+
+@numba.njit(nogil=True, cache=True)
+def _add(parent, area, bounds, i: int, width: int) -> None:
+    parent[i] = i
+    area[i] = 1
+    bounds[i, 0] = bounds[i, 2] = i // width
+    bounds[i, 1] = bounds[i, 3] = i % width
+
+
+@numba.njit(nogil=True, cache=True)
+def _box(out_row, bounds, root: int, height: int, width: int) -> None:
+    out_row[0] = bounds[root, 0] / height
+    out_row[1] = bounds[root, 1] / width
+    out_row[2] = (bounds[root, 2] + 1) / height
+    out_row[3] = (bounds[root, 3] + 1) / width
+
+
+@numba.njit(nogil=True, cache=True)
+def largest_component_boxes(maps: np.ndarray, threshold: np.float32) -> np.ndarray:
+    """Box of the largest component of ``map >= threshold * max(map)`` for each map.
+
+    maps: (M, H, W) float32. Returns (M, 4) float32; NaN where a map's maximum is not
+    positive (no evidence, no box).
+    """
+    n_maps, height, width = maps.shape
+    out = np.full((n_maps, 4), np.nan, np.float32)
+    parent = np.empty(height * width, np.int64)
+    area = np.empty(height * width, np.int64)
+    bounds = np.empty((height * width, 4), np.int64)
+    for m in range(n_maps):
+        values = maps[m]
+        peak = values.max()
+        if not peak > 0:
+            continue
+        cut = threshold * peak
+        for r in range(height):
+            for c in range(width):
+                i = r * width + c
+                if not values[r, c] >= cut:
+                    parent[i] = -1
+                    continue
+                _add(parent, area, bounds, i, width)
+                # Earlier neighbours in raster order: N, or else W or NW, and NE. Whatever
+                # touches N is already joined to it (W-N and NW-N-NE are neighbours).
+                if r > 0 and parent[i - width] >= 0:
+                    _union(parent, area, bounds, i, i - width)
+                    continue
+                root = i
+                if c > 0 and parent[i - 1] >= 0:
+                    root = _union(parent, area, bounds, root, i - 1)
+                elif r > 0 and c > 0 and parent[i - width - 1] >= 0:
+                    root = _union(parent, area, bounds, root, i - width - 1)
+                if r > 0 and c + 1 < width and parent[i - width + 1] >= 0:
+                    _union(parent, area, bounds, root, i - width + 1)
+        best = -1
+        for i in range(height * width):
+            if parent[i] == i and (best < 0 or area[i] > area[best]):
+                best = i
+        _box(out[m], bounds, best, height, width)
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def sweep_component_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Box of the largest component of ``values >= t`` for every t in ``thresholds``.
+
+    One pass: pixels join as the threshold falls and components only merge, so the
+    largest one is maintained incrementally. values: (H, W) float32; thresholds: (S,)
+    float64, ascending. Returns (S, 4) float32, NaN where no pixel reaches t.
+    """
+    height, width = values.shape
+    n_thresholds = len(thresholds)
+    flat = values.ravel()
+    # Pixels bucketed by the highest threshold they reach (a counting sort).
+    level = np.searchsorted(thresholds, flat.astype(np.float64), side="right") - 1
+    starts = np.zeros(n_thresholds + 1, np.int64)
+    for i in range(len(flat)):
+        if level[i] >= 0:
+            starts[level[i] + 1] += 1
+    starts = np.cumsum(starts)
+    order = np.empty(starts[-1], np.int64)
+    filled = starts[:-1].copy()
+    for i in range(len(flat)):
+        if level[i] >= 0:
+            order[filled[level[i]]] = i
+            filled[level[i]] += 1
+    parent = np.full(height * width, -1, np.int64)
+    area = np.zeros(height * width, np.int64)
+    bounds = np.zeros((height * width, 4), np.int64)
+    out = np.full((n_thresholds, 4), np.nan, np.float32)
+    best = -1
+    for s in range(n_thresholds - 1, -1, -1):
+        for k in range(starts[s], starts[s + 1]):
+            i = order[k]
+            _add(parent, area, bounds, i, width)
+            r, c = i // width, i % width
+            root = i
+            for rr in range(max(r - 1, 0), min(r + 2, height)):
+                for cc in range(max(c - 1, 0), min(c + 2, width)):
+                    joined = parent[rr * width + cc]
+                    if joined >= 0 and joined != root:  # in the set, not yet known to be joined
+                        root = _union(parent, area, bounds, root, rr * width + cc)
+            if best < 0:
+                best = root
+            else:
+                best = _find(parent, best)
+                if area[root] > area[best] or (area[root] == area[best] and root < best):
+                    best = root
+        if best >= 0:
+            _box(out[s], bounds, _find(parent, best), height, width)
+    return out
