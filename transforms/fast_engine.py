@@ -5,7 +5,7 @@ feed-forward network, a layer's input at step t depends only on the layer below 
 t (or t - 1 through a synapse) and its own state, so each layer can run for all timesteps
 at once: one batched convolution over (timesteps x images), then an elementwise scan over
 time for the neuron state and the synapse. The first layer's input is constant, so it is
-convolved once. Everything runs in one compiled TensorFlow function.
+convolved once. Everything runs in one TensorFlow graph; each scan is XLA-compiled.
 
 It reproduces the converted network exactly as NengoDL builds it:
 
@@ -188,6 +188,8 @@ class FastSpikingNetwork:
     """
 
     def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings, jit_compile: bool = True):
+        """jit_compile: XLA-compile each layer's neuron scan (fused, ~2x faster); the
+        convolutions run on TensorFlow's own kernels, faster than XLA's on CPU."""
         self.head = head
         self.settings = settings
         converted = convert(model, head, settings)
@@ -196,7 +198,8 @@ class FastSpikingNetwork:
         self._states = _initial_states(converted, self.neuron_layers, settings.dt)
         self._neuron = settings.neuron
         self._scale = np.float32(settings.scale_firing_rates)
-        self._run = tf.function(self._simulate, jit_compile=jit_compile, autograph=False)
+        self._jit_compile = jit_compile
+        self._run = tf.function(self._simulate, autograph=False)
 
     def close(self) -> None:
         """Nothing to release (same interface as SpikingNetwork)."""
@@ -224,11 +227,18 @@ class FastSpikingNetwork:
         return tf.cast(spiked, tf.float32) * (amplitude / dt), (voltage, refractory)
 
     def _neurons(self, current: tf.Tensor, name: str, constant: bool, taus: tuple) -> tuple:
+        """``_neuron_scan`` as one XLA-compiled function (if ``jit_compile``)."""
+        scan = tf.function(lambda J: self._neuron_scan(J, name, constant, taus),
+                           jit_compile=self._jit_compile, autograph=False)
+        outputs, rates = scan(current)
+        return list(outputs), rates
+
+    def _neuron_scan(self, current: tf.Tensor, name: str, constant: bool, taus: tuple) -> tuple:
         """Run a population over all steps, with its synapses fused into the same scan.
 
         current: J, (B, ...) if ``constant`` (the same every step) else (T, B, ...).
         taus: lowpass time constants to apply to the output (None: unfiltered).
-        Returns ([output filtered by each tau], time-major (T, B, ...)) and the mean rate
+        Returns ((output filtered by each tau), time-major (T, B, ...)) and the mean rate
         (T, B) in Hz. Filters follow nengo's synapse timing: F(0) = 0,
         F(t) = a F(t-1) + (1 - a) s(t-1).
         """
@@ -254,9 +264,7 @@ class FastSpikingNetwork:
             return (output, filtered, state), (emitted, tf.reduce_mean(output, axis=axes) * self._scale)
 
         sequence = tf.zeros((self.settings.n_steps,)) if constant else current
-        initial = (zeros, tuple(zeros for _ in taus), state)
-        outputs, rates = _scan_emissions(step, sequence, initial)
-        return list(outputs), rates
+        return _scan_emissions(step, sequence, (zeros, tuple(zeros for _ in taus), state))
 
     def _linear(self, step: Step, x: tf.Tensor) -> tf.Tensor:
         """The step's linear op on (N, ...) values, without bias."""
