@@ -15,7 +15,7 @@ INSTALL_REQUIRES = [
     "numpy>=2,<2.5",
     "protobuf<7",
     "scipy>=1.11",
-    "numba>=0.61",  # the connected-component kernels (transforms/components.py)
+    "numba>=0.61",  # the connected-component kernels (transforms.map_kernels.py)
     "tensorflow-datasets==4.9.10",
     "importlib_resources",  # tensorflow-datasets imports it without declaring it
 ]

@@ -10,11 +10,9 @@ from transforms.localization import (
     best_iou,
     bilinear_matrix,
     cam_boxes,
-    energy_in_boxes,
     iou,
-    peak_locations,
+    peak_statistics,
     pearson,
-    pointing_game,
     upsample,
 )
 
@@ -65,10 +63,11 @@ def test_peak_on_a_box_edge_counts_as_inside():
     maps[1, 6, 3] = 1.0  # row 6 is just past the box's last row (rows 2..5): outside
     maps[2, 5, 2] = 1.0  # row 5, col 2: the box's bottom-left pixel: inside
     truth = np.tile(np.array([[2 / 8, 2 / 8, 6 / 8, 6 / 8]], np.float32), (3, 1, 1))
-    np.testing.assert_array_equal(pointing_game(maps, truth), [1.0, 0.0, 1.0])
-    np.testing.assert_array_equal(peak_locations(maps), [[2, 5], [6, 3], [5, 2]])
+    result = peak_statistics(maps[:, None], truth)  # one map per image
+    np.testing.assert_array_equal(result["pointing"][:, 0], [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(result["peak"][:, 0], [[2, 5], [6, 3], [5, 2]])
     no_boxes = np.full((3, 1, 4), np.nan, np.float32)
-    assert np.isnan(pointing_game(maps, no_boxes)).all()
+    assert np.isnan(peak_statistics(maps[:, None], no_boxes)["pointing"]).all()
 
 
 def test_energy_in_boxes_counts_positive_mass_only():
@@ -78,7 +77,7 @@ def test_energy_in_boxes_counts_positive_mass_only():
     maps[0, 2, 2] = -5.0  # negative: ignored
     maps[1] = -1.0  # no positive mass at all
     truth = np.tile(np.array([[0, 0, 0.5, 0.5]], np.float32), (2, 1, 1))
-    np.testing.assert_allclose(energy_in_boxes(maps, truth), [0.75, 0.0])
+    np.testing.assert_allclose(peak_statistics(maps[:, None], truth)["energy"][:, 0], [0.75, 0.0])
 
 
 def test_bilinear_matches_tensorflow_resize():

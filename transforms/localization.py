@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transforms.components import largest_component_boxes, sweep_component_boxes
+from transforms.map_kernels import largest_component_boxes, peak_and_mass, sweep_component_boxes
 
 
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -110,49 +110,29 @@ def in_boxes_mask(truth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return inside.any(axis=1)
 
 
-def peak_locations(maps: np.ndarray) -> np.ndarray:
-    """(..., 2) integer (row, col) of each map's maximum (the first in row-major order)."""
-    height, width = maps.shape[-2:]
-    flat_index = maps.reshape(maps.shape[:-2] + (-1,)).argmax(axis=-1)
-    return np.stack(np.unravel_index(flat_index, (height, width)), axis=-1)
+def peak_statistics(maps: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+    """Each map's peak, pointing game and energy in boxes, from one pass over the maps.
 
-
-def _per_image(truth_mask: np.ndarray, ndim: int) -> np.ndarray:
-    """(N, H, W) -> (N, 1.., H, W) to broadcast against (N, ..., H, W) maps."""
-    return truth_mask.reshape(truth_mask.shape[:1] + (1,) * (ndim - 3) + truth_mask.shape[1:])
-
-
-def pointing_game(maps: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """1.0 where the map's peak pixel (centre) lies in a ground-truth box, else 0.0.
-
-    maps: (N, ..., H, W); truth: (N, B, 4). NaN for images without boxes.
+    maps: (N, ..., H, W); truth: (N, B, 4) normalized, NaN-padded. Returns
+    peak: (..., 2) integer (row, col) of the maximum (the first in row-major order);
+    pointing: 1.0 where the peak pixel's centre lies in a ground-truth box, else 0.0;
+    energy: share of the map's positive mass inside the boxes (Score-CAM's energy-based
+    pointing game), 0 for a map with no positive mass. Pointing and energy are NaN for
+    images without boxes.
     """
-    inside = _per_image(in_boxes_mask(truth, maps.shape[-2:]), maps.ndim)
-    peaks = peak_locations(maps)
-    inside = np.broadcast_to(inside, maps.shape)
-    hit = np.take_along_axis(
-        inside.reshape(maps.shape[:-2] + (-1,)),
-        (peaks[..., 0] * maps.shape[-1] + peaks[..., 1])[..., None],
-        axis=-1,
-    )[..., 0]
-    has_gt = ~np.isnan(truth[:, :, 0]).all(axis=1)
-    return np.where(has_gt.reshape(has_gt.shape + (1,) * (maps.ndim - 3)), hit.astype(float), np.nan)
-
-
-def energy_in_boxes(maps: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Share of the map's positive mass inside the ground-truth boxes (Score-CAM's
-    energy-based pointing game). maps: (N, ..., H, W); truth: (N, B, 4).
-
-    NaN for images without boxes; 0 for a map with no positive mass.
-    """
-    inside = _per_image(in_boxes_mask(truth, maps.shape[-2:]), maps.ndim)
-    positive = np.clip(maps, 0, None)
-    total = positive.sum(axis=(-2, -1))
-    within = (positive * inside).sum(axis=(-2, -1))
+    n, lead, (height, width) = maps.shape[0], maps.shape[1:-2], maps.shape[-2:]
+    inside = in_boxes_mask(truth, (height, width))
+    flat = np.ascontiguousarray(maps, np.float32).reshape(n, -1, height, width)
+    index, total, within = peak_and_mass(flat, inside)
+    hit = np.take_along_axis(inside.reshape(n, -1), index, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(total > 0, within / total, 0.0)
-    has_gt = ~np.isnan(truth[:, :, 0]).all(axis=1)
-    return np.where(has_gt.reshape(has_gt.shape + (1,) * (maps.ndim - 3)), share, np.nan)
+    has_gt = ~np.isnan(truth[:, :, 0]).all(axis=1)[:, None]
+    return {
+        "peak": np.stack([index // width, index % width], axis=-1).reshape(maps.shape[:-2] + (2,)),
+        "pointing": np.where(has_gt, hit, np.nan).reshape((n,) + lead),
+        "energy": np.where(has_gt, share, np.nan).reshape((n,) + lead),
+    }
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -16,10 +16,8 @@ import numpy as np
 from transforms.localization import (
     best_iou,
     cam_boxes,
-    energy_in_boxes,
-    peak_locations,
+    peak_statistics,
     pearson,
-    pointing_game,
     sweep_boxes,
     upsample,
 )
@@ -54,14 +52,14 @@ def _localization(maps: np.ndarray, truth: np.ndarray, settings: StatisticsSetti
     up = upsample(maps, settings.size)
     boxes = cam_boxes(up, settings.threshold)
     iou = best_iou(boxes, truth).astype(np.float32)
-    peaks = peak_locations(up).astype(np.float32) + 0.5  # pixel centres, input pixels
+    peaks = peak_statistics(up, truth)
     return {
         "box": boxes,
         "iou": iou,
         "localized": _flag(iou >= IOU_LOCALIZED, ~np.isnan(iou)),
-        "pointing": pointing_game(up, truth).astype(np.float32),
-        "energy": energy_in_boxes(up, truth).astype(np.float32),
-        "peak": peaks,
+        "pointing": peaks["pointing"].astype(np.float32),
+        "energy": peaks["energy"].astype(np.float32),
+        "peak": peaks["peak"].astype(np.float32) + 0.5,  # pixel centres, input pixels
     }
 
 

@@ -1,9 +1,10 @@
-"""Largest 8-connected component of thresholded maps, compiled with numba.
+"""Per-map kernels of the localization statistics, compiled with numba.
 
-The localization statistics box the largest blob of ~500 64x64 masks per image (every
-class and step, plus a 100-threshold sweep). ``scipy.ndimage.label`` followed by numpy
-box extraction cost ~25 ms per image, and OpenCV's labelling with statistics ~8 ms; these
-kernels label, measure and box in one union-find pass per map (~0.02 ms).
+The statistics look at ~500 upsampled 64x64 maps per image (every class and step, plus a
+100-threshold sweep). Boxing the largest blob with ``scipy.ndimage.label`` and numpy box
+extraction cost ~25 ms per image, and OpenCV's labelling with statistics ~8 ms; the
+kernels here label, measure and box each map in one union-find pass (~0.01 ms), and take
+each map's peak and positive mass in one more pass.
 
 Components are found with union-find on 8-connectivity; each component's root is its first
 pixel in row-major order, so ties between equally large components go to the one whose
@@ -63,43 +64,48 @@ def _box(out_row, bounds, root: int, height: int, width: int) -> None:
 def largest_component_boxes(maps: np.ndarray, threshold: np.float32) -> np.ndarray:
     """Box of the largest component of ``map >= threshold * max(map)`` for each map.
 
-    maps: (M, H, W) float32. Returns (M, 4) float32; NaN where a map's maximum is not
-    positive (no evidence, no box).
+    Labels runs of kept pixels along rows rather than pixels: a run joins the runs of the
+    row above that it overlaps or touches diagonally. maps: (M, H, W) float32. Returns
+    (M, 4) float32; NaN where a map's maximum is not positive (no evidence, no box).
     """
     n_maps, height, width = maps.shape
     out = np.full((n_maps, 4), np.nan, np.float32)
-    parent = np.empty(height * width, np.int64)
-    area = np.empty(height * width, np.int64)
-    bounds = np.empty((height * width, 4), np.int64)
+    most = height * ((width + 1) // 2)  # runs a map can have
+    parent = np.empty(most, np.int64)
+    area = np.empty(most, np.int64)
+    bounds = np.empty((most, 4), np.int64)  # of components: (first row, first col, last row, last col)
+    extent = np.empty((most, 2), np.int64)  # of runs: (first col, last col)
     for m in range(n_maps):
         values = maps[m]
         peak = values.max()
         if not peak > 0:
             continue
         cut = threshold * peak
+        runs, above_first, above_stop = 0, 0, 0  # runs so far; the row above's runs
         for r in range(height):
-            for c in range(width):
-                i = r * width + c
+            row_first = runs
+            c = 0
+            while c < width:
                 if not values[r, c] >= cut:
-                    parent[i] = -1
+                    c += 1
                     continue
-                _add(parent, area, bounds, i, width)
-                # Earlier neighbours in raster order: N, or else W or NW, and NE. Whatever
-                # touches N is already joined to it (W-N and NW-N-NE are neighbours).
-                if r > 0 and parent[i - width] >= 0:
-                    _union(parent, area, bounds, i, i - width)
-                    continue
-                root = i
-                if c > 0 and parent[i - 1] >= 0:
-                    root = _union(parent, area, bounds, root, i - 1)
-                elif r > 0 and c > 0 and parent[i - width - 1] >= 0:
-                    root = _union(parent, area, bounds, root, i - width - 1)
-                if r > 0 and c + 1 < width and parent[i - width + 1] >= 0:
-                    _union(parent, area, bounds, root, i - width + 1)
-        best = -1
-        for i in range(height * width):
-            if parent[i] == i and (best < 0 or area[i] > area[best]):
-                best = i
+                first = c
+                while c < width and values[r, c] >= cut:
+                    c += 1
+                run = runs
+                runs += 1
+                parent[run], area[run] = run, c - first
+                bounds[run, 0], bounds[run, 1], bounds[run, 2], bounds[run, 3] = r, first, r, c - 1
+                extent[run, 0], extent[run, 1] = first, c - 1
+                root = run
+                for above in range(above_first, above_stop):
+                    if extent[above, 0] <= c and extent[above, 1] >= first - 1:
+                        root = _union(parent, area, bounds, root, above)
+            above_first, above_stop = row_first, runs
+        best = -1  # runs are numbered in raster order: ties go to the earlier root
+        for run in range(runs):
+            if parent[run] == run and (best < 0 or area[run] > area[best]):
+                best = run
         _box(out[m], bounds, best, height, width)
     return out
 
@@ -153,3 +159,33 @@ def sweep_component_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndar
         if best >= 0:
             _box(out[s], bounds, _find(parent, best), height, width)
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def peak_and_mass(maps: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each map's peak and positive mass, in one pass.
+
+    maps: (N, P, H, W) float32, P maps per image; inside: (N, H, W) bool, one mask per
+    image. Returns the flat index of each map's maximum (the first in row-major order),
+    (N, P) int64; the sum of its positive values, (N, P) float64; and that sum over the
+    image's ``inside`` pixels, (N, P) float64.
+    """
+    n_images, per_image, height, width = maps.shape
+    peak = np.zeros((n_images, per_image), np.int64)
+    total = np.zeros((n_images, per_image))
+    within = np.zeros((n_images, per_image))
+    for i in range(n_images):
+        for m in range(per_image):
+            values = maps[i, m]
+            best, best_index, mass, mass_inside = values[0, 0], 0, 0.0, 0.0
+            for r in range(height):
+                for c in range(width):
+                    v = values[r, c]
+                    if v > best:
+                        best, best_index = v, r * width + c
+                    if v > 0:
+                        mass += v
+                        if inside[i, r, c]:
+                            mass_inside += v
+            peak[i, m], total[i, m], within[i, m] = best_index, mass, mass_inside
+    return peak, total, within

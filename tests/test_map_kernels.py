@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from transforms.localization import cam_boxes, sweep_boxes
+from transforms.localization import cam_boxes, in_boxes_mask, peak_statistics, sweep_boxes
 from transforms.statistics import sweep_thresholds
 
 
@@ -70,6 +70,37 @@ def test_equal_blobs_go_to_the_first_in_row_major_order():
     np.testing.assert_array_equal(sweep_boxes(mask, [0.5])[0], first)
 
 
+def test_a_run_joins_only_runs_it_touches():
+    # Row 1's first run joins both pixels of row 0, so that component spans columns 0-4;
+    # the pixel at (1, 6) touches none of it and must stay a blob of its own.
+    mask = np.array([[1, 0, 0, 0, 1, 0, 0],
+                     [1, 1, 1, 1, 1, 0, 1]], np.float32)
+    np.testing.assert_array_equal(cam_boxes(mask[None], 1.0)[0], np.array([0, 0, 1, 5 / 7], np.float32))
+    np.testing.assert_array_equal(cam_boxes(mask[None, ::-1], 1.0)[0], np.array([0, 0, 1, 5 / 7], np.float32))
+
+
 def test_sweep_thresholds_must_be_ascending():
     with pytest.raises(ValueError, match="ascending"):
         sweep_boxes(np.ones((2, 2)), [0.5, 0.1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_peak_statistics_equal_numpy(n, per_image, size, seed):
+    rng = np.random.default_rng(seed)
+    maps = (rng.integers(-2, 3, size=(n, per_image, size, size)) / 2).astype(np.float32)  # ties at the peak
+    corner = rng.uniform(0, 0.6, size=(n, 1, 2))
+    truth = np.concatenate([corner, corner + rng.uniform(0.2, 0.5, size=(n, 1, 2))], axis=-1).astype(np.float32)
+    truth[0] = np.nan  # an image without boxes
+    inside = in_boxes_mask(truth, (size, size))[:, None]
+    flat = maps.reshape(n, per_image, -1)
+    index = flat.argmax(-1)
+    positive = np.clip(maps, 0, None)
+    total, within = positive.sum((-2, -1)), (positive * inside).sum((-2, -1))
+    share = np.divide(within, total, out=np.zeros_like(total), where=total > 0)
+    has_gt = np.arange(n)[:, None] > 0
+    result = peak_statistics(maps, truth)
+    np.testing.assert_array_equal(result["peak"], np.stack([index // size, index % size], -1))
+    hit = np.take_along_axis(np.broadcast_to(inside, maps.shape).reshape(n, per_image, -1), index[..., None], -1)[..., 0]
+    np.testing.assert_array_equal(result["pointing"], np.where(has_gt, hit, np.nan))
+    np.testing.assert_allclose(result["energy"], np.where(has_gt, share, np.nan), rtol=1e-6)
