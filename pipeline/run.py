@@ -40,6 +40,7 @@ from transforms.store import (
     build_template,
     chunk_size_for,
     zarr_chunks,
+    zarr_encoding,
 )
 from transforms.summary import write_summary
 
@@ -250,7 +251,7 @@ def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = No
     else:
         if os.path.exists(request.output):
             shutil.rmtree(request.output)
-        xbeam.setup_zarr(run.template, request.output, zarr_chunks(layout))
+        xbeam.setup_zarr(run.template, request.output, zarr_chunks(layout), encoding=zarr_encoding(run.template))
         chunks = frozenset(range(n_chunks))
         log.info("store %s set up for %d images in %d chunks", request.output, layout.n_images, n_chunks)
     counters = {}

@@ -237,6 +237,16 @@ def zarr_chunks(layout: StoreLayout) -> dict[str, int]:
     return {"image": layout.images_per_chunk}
 
 
+def zarr_encoding(template: xr.Dataset) -> dict[str, dict]:
+    """Zstandard level 1 for every numeric variable: on ``cam`` it compresses as well as
+    zarr's default (level 3; measured ratio 5.1 vs 4.9) at twice the speed."""
+    return {
+        name: {"compressors": (zarr.codecs.ZstdCodec(level=1),)}
+        for name, variable in template.variables.items()
+        if variable.dtype.kind in "biuf"
+    }
+
+
 def chunk_key(chunk_index: int, layout: StoreLayout) -> xbeam.Key:
     return xbeam.Key({"image": chunk_index * layout.images_per_chunk})
 
