@@ -9,12 +9,13 @@ simulated together.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -23,6 +24,7 @@ import numpy as np
 import xarray as xr
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.cam import class_activation_maps
 from transforms.fast_engine import FastSpikingNetwork
@@ -50,13 +52,24 @@ METRICS_NAMESPACE = "cam_pipeline"
 
 
 @contextlib.contextmanager
-def timed(name: str):
-    """Add the block's wall time (ms) to the Beam counter ``cam_pipeline:<name>``."""
+def timed(name: str, into: dict[str, int] | None = None):
+    """Add the block's wall time (ms) to the Beam counter ``cam_pipeline:<name>``, or to
+    ``into[name]`` (Beam counts metrics only in the thread running the DoFn)."""
     start = time.perf_counter()
     try:
         yield
     finally:
-        Metrics.counter(METRICS_NAMESPACE, name).inc(int((time.perf_counter() - start) * 1000))
+        elapsed = int((time.perf_counter() - start) * 1000)
+        if into is None:
+            Metrics.counter(METRICS_NAMESPACE, name).inc(elapsed)
+        else:
+            into[name] = into.get(name, 0) + elapsed
+
+
+def count(timings: dict[str, int]) -> None:
+    """Add ``timed(..., into=timings)`` times to their Beam counters (in the DoFn's thread)."""
+    for name, elapsed in timings.items():
+        Metrics.counter(METRICS_NAMESPACE, name).inc(elapsed)
 
 
 @dataclass(frozen=True)
@@ -108,11 +121,20 @@ class Networks:
         self.lock = threading.Lock()
         self.statistics_threads = job.threads_per_worker or os.cpu_count() or 1
         self.statistics_pool = ThreadPoolExecutor(self.statistics_threads) if self.statistics_threads > 1 else None
+        self.finisher = ThreadPoolExecutor(1)  # CAMs and statistics of one chunk while the next simulates
         Networks.builds += 1
 
 
 class ComputeCamChunk(beam.DoFn):
-    """(chunk index, [(image index, serialized record), ...]) -> (xbeam.Key, chunk Dataset)."""
+    """(chunk index, [(image index, serialized record), ...]) -> (xbeam.Key, chunk Dataset).
+
+    The simulation runs in ``process``; the chunk's CAMs and statistics are finished in a
+    background thread while the next chunk simulates (the engine leaves a core idle during
+    its scans), and are emitted by a later ``process`` call or by ``finish_bundle``. At most
+    ``MAX_UNFINISHED`` chunks per DoFn are held, so memory does not grow with the data.
+    """
+
+    MAX_UNFINISHED = 1
 
     def __init__(self, job: ChunkJob, template: xr.Dataset):
         self._job = job
@@ -125,7 +147,33 @@ class ComputeCamChunk(beam.DoFn):
         )
         self._head = self._networks.head
 
-    def process(self, element: tuple[int, Iterable[tuple[int, bytes | BadRecord]]]):
+    def start_bundle(self) -> None:
+        self._unfinished: collections.deque[tuple[Future, WindowedValue]] = collections.deque()
+
+    def process(self, element: tuple[int, Iterable[tuple[int, bytes | BadRecord]]],
+                timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        chunk_index, arrays, images, rows = self._decode(element)
+        outputs = self._simulate(images) if images else None
+        future = self._networks.finisher.submit(self._finish, chunk_index, arrays, outputs, rows)
+        self._unfinished.append((future, WindowedValue(None, timestamp, (window,))))
+        while self._unfinished and (self._unfinished[0][0].done() or len(self._unfinished) > self.MAX_UNFINISHED):
+            yield self._finished(self._unfinished.popleft()[0])
+
+    def finish_bundle(self):
+        while self._unfinished:
+            future, where = self._unfinished.popleft()
+            yield where.with_value(self._finished(future))
+
+    @staticmethod
+    def _finished(future: Future):
+        """The chunk's output (raising what the background thread raised); counts its times."""
+        output, timings = future.result()
+        count(timings)
+        return output
+
+    def _decode(self, element) -> tuple[int, dict, list[np.ndarray], np.ndarray]:
+        """The chunk's empty arrays with labels, boxes and failures filled in; the images that
+        decoded, and their rows in the chunk."""
         chunk_index, records = element
         layout = self._job.layout
         start, stop = chunk_bounds(chunk_index, layout)
@@ -150,18 +198,29 @@ class ComputeCamChunk(beam.DoFn):
             rows.append(row)
             images.append(image)
         Metrics.counter(METRICS_NAMESPACE, "images").inc(stop - start)
-        if images:
-            self._compute(np.stack(images), np.asarray(rows), arrays)
-        yield chunk_key(chunk_index, layout), chunk_dataset(self._template, arrays)
+        return chunk_index, arrays, images, np.asarray(rows, np.int64)
 
-    def _compute(self, images: np.ndarray, rows: np.ndarray, arrays: dict) -> None:
-        weights = self._head.weights
+    def _simulate(self, images: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """Spiking features, logits and rates, then the reference's features and logits."""
+        batch = np.stack(images)
         with self._networks.lock:
             with timed("engine_ms"):
-                features, logits, rates = self._networks.spiking.run(images)
+                spiking = self._networks.spiking.run(batch)
             with timed("reference_ms"):
-                reference_features, reference_logits = self._networks.reference.run(images)
-        with timed("cam_ms"):
+                reference = self._networks.reference.run(batch)
+        return spiking + reference
+
+    def _finish(self, chunk_index: int, arrays: dict, outputs: tuple | None, rows: np.ndarray):
+        """CAMs and statistics into ``arrays``: ((key, chunk Dataset), {stage: ms})."""
+        timings: dict[str, int] = {}
+        if outputs is not None:
+            self._compute(outputs, rows, arrays, timings)
+        return (chunk_key(chunk_index, self._job.layout), chunk_dataset(self._template, arrays)), timings
+
+    def _compute(self, outputs: tuple[np.ndarray, ...], rows: np.ndarray, arrays: dict, timings: dict) -> None:
+        features, logits, rates, reference_features, reference_logits = outputs
+        weights = self._head.weights
+        with timed("cam_ms", timings):
             # (n, T, K, h, w) -> (n, K, T, h, w)
             cam = np.moveaxis(class_activation_maps(features, weights), 2, 1)
             cam_reference = class_activation_maps(reference_features, weights)
@@ -170,7 +229,7 @@ class ComputeCamChunk(beam.DoFn):
         arrays["cam_reference"][rows] = cam_reference
         arrays["logits_reference"][rows] = reference_logits
         arrays["firing_rate"][rows] = np.swapaxes(rates, 1, 2)
-        with timed("statistics_ms"):
+        with timed("statistics_ms", timings):
             statistics = image_statistics_threaded(
                 cam, cam_reference, logits, reference_logits, arrays["label"][rows], arrays["boxes"][rows],
                 settings=self._job.statistics, pool=self._networks.statistics_pool,
