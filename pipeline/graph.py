@@ -11,9 +11,10 @@ from __future__ import annotations
 import apache_beam as beam
 import xarray as xr
 
-from transforms.cam_chunks import ChunkJob, ComputeCamChunk, key_by_chunk, timed
+from transforms.cam_chunks import ChunkJob, ComputeCamChunk, key_by_chunk
+from transforms.chunk_writer import WriteChunks
 from transforms.records import InputFile, read_records
-from transforms.store import chunk_bounds, write_chunk
+from transforms.store import chunk_bounds
 
 
 def build_pipeline(
@@ -40,10 +41,5 @@ def build_pipeline(
         | "KeepChunksToDo" >> beam.Filter(lambda keyed: keyed[0] in chunks)
         | "GroupByChunk" >> beam.GroupByKey()
         | "ComputeCams" >> beam.ParDo(ComputeCamChunk(job, template))
-        | "WriteChunks" >> beam.Map(_timed_write, store=store, layout=job.layout)
+        | "WriteChunks" >> beam.ParDo(WriteChunks(store, job.layout))
     )
-
-
-def _timed_write(keyed, store: str, layout) -> int:
-    with timed("write_ms"):
-        return write_chunk(*keyed, store=store, layout=layout)

@@ -24,7 +24,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.graph import build_pipeline
-from transforms.cam_chunks import METRICS_NAMESPACE, ChunkJob
+from transforms.background import METRICS_NAMESPACE
+from transforms.cam_chunks import ChunkJob
 from transforms.fast_engine import effective_settings
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.preprocess import Preprocessing

@@ -8,7 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from transforms.localization import cam_boxes, in_boxes_mask, peak_statistics, sweep_boxes
+from transforms.localization import (
+    cam_boxes,
+    in_boxes_mask,
+    peak_statistics,
+    sweep_boxes,
+)
 from transforms.statistics import sweep_thresholds
 
 

@@ -9,13 +9,10 @@ simulated together.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import logging
 import os
 import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -24,8 +21,8 @@ import numpy as np
 import xarray as xr
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
-from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms.background import METRICS_NAMESPACE, Unfinished, timed
 from transforms.cam import class_activation_maps
 from transforms.fast_engine import FastSpikingNetwork
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
@@ -46,30 +43,6 @@ from transforms.store import (
 from transforms.tfrecord_io import BadRecord
 
 log = logging.getLogger(__name__)
-
-
-METRICS_NAMESPACE = "cam_pipeline"
-
-
-@contextlib.contextmanager
-def timed(name: str, into: dict[str, int] | None = None):
-    """Add the block's wall time (ms) to the Beam counter ``cam_pipeline:<name>``, or to
-    ``into[name]`` (Beam counts metrics only in the thread running the DoFn)."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        elapsed = int((time.perf_counter() - start) * 1000)
-        if into is None:
-            Metrics.counter(METRICS_NAMESPACE, name).inc(elapsed)
-        else:
-            into[name] = into.get(name, 0) + elapsed
-
-
-def count(timings: dict[str, int]) -> None:
-    """Add ``timed(..., into=timings)`` times to their Beam counters (in the DoFn's thread)."""
-    for name, elapsed in timings.items():
-        Metrics.counter(METRICS_NAMESPACE, name).inc(elapsed)
 
 
 @dataclass(frozen=True)
@@ -148,28 +121,17 @@ class ComputeCamChunk(beam.DoFn):
         self._head = self._networks.head
 
     def start_bundle(self) -> None:
-        self._unfinished: collections.deque[tuple[Future, WindowedValue]] = collections.deque()
+        self._unfinished = Unfinished(self.MAX_UNFINISHED)
 
     def process(self, element: tuple[int, Iterable[tuple[int, bytes | BadRecord]]],
                 timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         chunk_index, arrays, images, rows = self._decode(element)
         outputs = self._simulate(images) if images else None
         future = self._networks.finisher.submit(self._finish, chunk_index, arrays, outputs, rows)
-        self._unfinished.append((future, WindowedValue(None, timestamp, (window,))))
-        while self._unfinished and (self._unfinished[0][0].done() or len(self._unfinished) > self.MAX_UNFINISHED):
-            yield self._finished(self._unfinished.popleft()[0])
+        yield from self._unfinished.add(future, timestamp, window)
 
     def finish_bundle(self):
-        while self._unfinished:
-            future, where = self._unfinished.popleft()
-            yield where.with_value(self._finished(future))
-
-    @staticmethod
-    def _finished(future: Future):
-        """The chunk's output (raising what the background thread raised); counts its times."""
-        output, timings = future.result()
-        count(timings)
-        return output
+        yield from self._unfinished.drain()
 
     def _decode(self, element) -> tuple[int, dict, list[np.ndarray], np.ndarray]:
         """The chunk's empty arrays with labels, boxes and failures filled in; the images that

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from transforms.map_kernels import largest_component_boxes, peak_and_mass, sweep_component_boxes
+from transforms.map_kernels import (
+    largest_component_boxes,
+    peak_and_mass,
+    sweep_component_boxes,
+)
 
 
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+
 @numba.njit(nogil=True, cache=True)
 def _find(parent: np.ndarray, i: int) -> int:
     root = i
