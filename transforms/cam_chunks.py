@@ -88,11 +88,14 @@ class Networks:
         limit_threads(job.threads_per_worker)
         model = load_keras_model(job.model_path)
         self.head: CamHead = find_cam_head(model, job.model_path)
-        engine = FastSpikingNetwork if job.settings.engine == "fast" else SpikingNetwork
-        self.spiking = engine(model, self.head, job.settings)
+        threads = job.threads_per_worker or os.cpu_count() or 1
+        if job.settings.engine == "fast":
+            self.spiking = FastSpikingNetwork(model, self.head, job.settings, concurrent_batches=min(2, threads))
+        else:
+            self.spiking = SpikingNetwork(model, self.head, job.settings)
         self.reference = ReferenceNetwork(model, self.head)
         self.lock = threading.Lock()
-        self.statistics_threads = job.threads_per_worker or os.cpu_count() or 1
+        self.statistics_threads = threads
         self.statistics_pool = ThreadPoolExecutor(self.statistics_threads) if self.statistics_threads > 1 else None
         self.finisher = ThreadPoolExecutor(1)  # CAMs and statistics of one chunk while the next simulates
         Networks.builds += 1

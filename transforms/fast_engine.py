@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,9 +188,13 @@ class FastSpikingNetwork:
     Same interface as ``transforms.spiking.SpikingNetwork``.
     """
 
-    def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings, jit_compile: bool = True):
+    def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings, jit_compile: bool = True,
+                 concurrent_batches: int = 2):
         """jit_compile: XLA-compile each layer's neuron scan (fused, ~2x faster); the
-        convolutions run on TensorFlow's own kernels, faster than XLA's on CPU."""
+        convolutions run on TensorFlow's own kernels, faster than XLA's on CPU.
+        concurrent_batches: minibatches simulated at once, from as many threads. XLA runs
+        a scan on one core, so a second batch in flight keeps another core busy (measured
+        on 2 cores: 74 -> 85 images/s)."""
         self.head = head
         self.settings = settings
         converted = convert(model, head, settings)
@@ -200,9 +205,12 @@ class FastSpikingNetwork:
         self._scale = np.float32(settings.scale_firing_rates)
         self._jit_compile = jit_compile
         self._run = tf.function(self._simulate, autograph=False)
+        self._pool = ThreadPoolExecutor(concurrent_batches) if concurrent_batches > 1 else None
 
     def close(self) -> None:
-        """Nothing to release (same interface as SpikingNetwork)."""
+        """Stop the batch threads (same interface as SpikingNetwork)."""
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def _update(self, J: tf.Tensor, state: tuple) -> tuple[tf.Tensor, tuple]:
         """One step of nengo-dl's neuron update: (output = spikes * amplitude / dt or rate *
@@ -226,45 +234,55 @@ class FastSpikingNetwork:
         voltage = tf.where(spiked, tf.zeros_like(voltage), tf.maximum(voltage, zero))
         return tf.cast(spiked, tf.float32) * (amplitude / dt), (voltage, refractory)
 
-    def _neurons(self, current: tf.Tensor, name: str, constant: bool, taus: tuple) -> tuple:
+    def _current(self, step: Step, y: tf.Tensor) -> tf.Tensor:
+        """The population's input current J from its layer's linear output (bias not added)."""
+        if step.bias is None:
+            return self._scale * y
+        if step.bias_in_population:
+            return self._scale * y + self._scale * step.bias
+        return self._scale * (y + step.bias)
+
+    def _neurons(self, y: tf.Tensor, step: Step, constant: bool, taus: tuple) -> tuple:
         """``_neuron_scan`` as one XLA-compiled function (if ``jit_compile``)."""
-        scan = tf.function(lambda J: self._neuron_scan(J, name, constant, taus),
+        scan = tf.function(lambda y: self._neuron_scan(y, step, constant, taus),
                            jit_compile=self._jit_compile, autograph=False)
-        outputs, rates = scan(current)
+        outputs, rates = scan(y)
         return list(outputs), rates
 
-    def _neuron_scan(self, current: tf.Tensor, name: str, constant: bool, taus: tuple) -> tuple:
+    def _neuron_scan(self, y: tf.Tensor, step: Step, constant: bool, taus: tuple) -> tuple:
         """Run a population over all steps, with its synapses fused into the same scan.
 
-        current: J, (B, ...) if ``constant`` (the same every step) else (T, B, ...).
+        y: the layer's linear output, (B, ...) if ``constant`` (the same every step) else
+        (T, B, ...); the input current is made from it step by step inside the scan (one
+        pass over memory fewer than making it first).
         taus: lowpass time constants to apply to the output (None: unfiltered).
         Returns ((output filtered by each tau), time-major (T, B, ...)) and the mean rate
         (T, B) in Hz. Filters follow nengo's synapse timing: F(0) = 0,
         F(t) = a F(t-1) + (1 - a) s(t-1).
         """
         dt = self.settings.dt
-        shape = tf.shape(current)[0 if constant else 1 :]
+        shape = tf.shape(y)[0 if constant else 1 :]
         state = ()  # rate ReLU neurons have none
         if self._neuron != "relu":
             names = ("voltage", "refractory_time") if self._neuron == "lif" else ("voltage",)
-            neuron_shape = (1,) + tuple(current.shape[1 if constant else 2 :])
-            state = tuple(tf.broadcast_to(tf.reshape(self._states[name][k], neuron_shape), shape) for k in names)
+            neuron_shape = (1,) + tuple(y.shape[1 if constant else 2 :])
+            state = tuple(tf.broadcast_to(tf.reshape(self._states[step.name][k], neuron_shape), shape) for k in names)
         decays = [None if tau is None or tau == 0 else math.exp(-dt / tau) for tau in taus]
         zeros = tf.zeros(shape, tf.float32)
-        axes = tuple(range(1, len(current.shape) - (0 if constant else 1)))  # all but the batch
+        axes = tuple(range(1, len(y.shape) - (0 if constant else 1)))  # all but the batch
+        current = self._current(step, y) if constant else None
 
-        def step(carry, J):
-            output_before, filtered, state = carry
-            filtered = tuple(
-                f if a is None else a * f + (1 - a) * output_before for f, a in zip(filtered, decays)
-            )
-            J = current if constant else J
+        def advance(carry, J):
+            # filtered: F(t) of each synapse, emitted now; the carry takes on F(t + 1).
+            filtered, state = carry
+            J = current if constant else self._current(step, J)
             output, state = self._update(J, state)
             emitted = tuple(output if a is None else f for f, a in zip(filtered, decays))
-            return (output, filtered, state), (emitted, tf.reduce_mean(output, axis=axes) * self._scale)
+            filtered = tuple(f if a is None else a * f + (1 - a) * output for f, a in zip(filtered, decays))
+            return (filtered, state), (emitted, tf.reduce_mean(output, axis=axes) * self._scale)
 
-        sequence = tf.zeros((self.settings.n_steps,)) if constant else current
-        return _scan_emissions(step, sequence, (zeros, tuple(zeros for _ in taus), state))
+        sequence = tf.zeros((self.settings.n_steps,)) if constant else y
+        return _scan_emissions(advance, sequence, (tuple(zeros for _ in taus), state))
 
     def _linear(self, step: Step, x: tf.Tensor) -> tf.Tensor:
         """The step's linear op on (N, ...) values, without bias."""
@@ -296,15 +314,9 @@ class FastSpikingNetwork:
             else:
                 y = self._linear(step, x)
             if step.neurons:
-                if step.bias is None:
-                    current = self._scale * y
-                elif step.bias_in_population:
-                    current = self._scale * y + self._scale * step.bias
-                else:
-                    current = self._scale * (y + step.bias)
                 # The feature layer also feeds the probe, through its own synapse.
                 taus = (s.synapse, s.probe_synapse) if index == last_neurons else (s.synapse,)
-                outputs, rate = self._neurons(current, step.name, not time_major, taus)
+                outputs, rate = self._neurons(y, step, not time_major, taus)
                 time_major = True
                 rates.append(rate)
                 x = outputs[0]
@@ -325,10 +337,13 @@ class FastSpikingNetwork:
         the mean firing rate (Hz) of each neuron layer at each step (N, T, L).
         """
         batch, n = self.settings.batch_size, len(images)
-        outputs = []
-        for start in range(0, n, batch):
+
+        def simulate(start: int) -> list[np.ndarray]:
             x = np.zeros((batch,) + images.shape[1:], np.float32)
             x[: min(batch, n - start)] = images[start : start + batch]
-            outputs.append([o.numpy()[: n - start] for o in self._run(tf.constant(x))])
+            return [o.numpy()[: n - start] for o in self._run(tf.constant(x))]
+
+        starts = range(0, n, batch)
+        outputs = list(self._pool.map(simulate, starts) if self._pool and len(starts) > 1 else map(simulate, starts))
         return tuple(np.concatenate(parts) for parts in zip(*outputs))
 
