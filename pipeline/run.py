@@ -236,7 +236,8 @@ def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = No
     """Run the whole job (or what a resumed one lacks); return the store opened with xarray.
 
     metrics: if given, filled with the run's Beam counters (``cam_pipeline`` namespace:
-    images, engine_ms, reference_ms, cam_ms, statistics_ms, write_ms) and the
+    images, engine_ms, reference_ms, cam_ms, statistics_ms, write_ms), the first and last
+    time a chunk was written (chunk_written_at_ms_min, _max: ms since the epoch) and the
     launcher's own timings (prepare_ms, pipeline_ms, summary_ms).
     """
     started = time.perf_counter()
@@ -264,6 +265,10 @@ def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = No
         query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
         for counter in query["counters"]:
             counters[counter.key.metric.name] = counters.get(counter.key.metric.name, 0) + counter.committed
+        for distribution in query["distributions"]:
+            name, value = distribution.key.metric.name, distribution.committed
+            counters[f"{name}_min"] = min(counters.get(f"{name}_min", value.min), value.min)
+            counters[f"{name}_max"] = max(counters.get(f"{name}_max", value.max), value.max)
     ran = time.perf_counter()
     write_summary(request.output)
     if metrics is not None:

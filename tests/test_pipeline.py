@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import xarray as xr
@@ -145,3 +146,19 @@ def test_networks_are_built_once_per_worker_and_reused_for_every_chunk(store_dir
     assert ds.cam.encoding["chunks"][0] == 4 and (ds.status.values == 1).all()
     np.testing.assert_allclose(ds.cam.values[:, :, 0], xr.open_zarr(relu_store).cam.values[:12, :, 0],
                                rtol=1e-6, atol=1e-6)
+
+
+def test_run_reports_stage_times_and_when_chunks_were_written(store_dir):
+    from pipeline.cli import parser, request_from_args
+    from pipeline.run import execute
+
+    out = store_dir / "metrics.zarr"
+    args = parser().parse_args(["run", "--neuron", "relu", "--n-steps", "2", "--limit", "12",
+                                "--images-per-chunk", "4", "--output", str(out)])
+    metrics = {}
+    before = time.time() * 1000
+    execute(request_from_args(args), [], metrics)
+    assert metrics["images"] == 12
+    # Measured in the background threads, counted through the DoFns' threads.
+    assert metrics["statistics_ms"] > 0 and metrics["write_ms"] >= 0 and "engine_ms" in metrics
+    assert before <= metrics["chunk_written_at_ms_min"] <= metrics["chunk_written_at_ms_max"] <= time.time() * 1000

@@ -7,13 +7,16 @@ would hold up the next chunk's simulation, so it runs in one writer thread per p
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator
 
 import apache_beam as beam
 import xarray as xr
 import xarray_beam as xbeam
+from apache_beam.metrics import Metrics
 
-from transforms.background import Unfinished, timed
+from transforms.background import METRICS_NAMESPACE, Unfinished, timed
 from transforms.store import StoreLayout, write_chunk
 
 _writer: ThreadPoolExecutor | None = None
@@ -29,11 +32,20 @@ def writer() -> ThreadPoolExecutor:
         return _writer
 
 
-def _write(key: xbeam.Key, chunk: xr.Dataset, store: str, layout: StoreLayout) -> tuple[int, dict[str, int]]:
+def _write(key: xbeam.Key, chunk: xr.Dataset, store: str, layout: StoreLayout) -> tuple[tuple, dict[str, int]]:
+    """((the chunk's first image index, when it was written: ms since the epoch), timings)."""
     timings: dict[str, int] = {}
     with timed("write_ms", timings):
         start = write_chunk(key, chunk, store, layout)
-    return start, timings
+    return (start, int(time.time() * 1000)), timings
+
+
+def _written(outputs: Iterable) -> Iterator:
+    """Chunk start indices; their write times go to the distribution ``chunk_written_at_ms``
+    (its min and max give the steady-state throughput, start-up excluded)."""
+    for start, written_at in outputs:
+        Metrics.distribution(METRICS_NAMESPACE, "chunk_written_at_ms").update(written_at)
+        yield start
 
 
 class WriteChunks(beam.DoFn):
@@ -54,7 +66,8 @@ class WriteChunks(beam.DoFn):
     def process(self, keyed: tuple[xbeam.Key, xr.Dataset],
                 timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         future = writer().submit(_write, *keyed, self._store, self._layout)
-        yield from self._unfinished.add(future, timestamp, window)
+        yield from _written(self._unfinished.add(future, timestamp, window))
 
     def finish_bundle(self):
-        yield from self._unfinished.drain()
+        for windowed in self._unfinished.drain():
+            yield windowed.with_value(next(_written([windowed.value])))
