@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ("measurement", "images/s", "x bound", "x nengo_dl batched"),
         ("Keras forward pass (batch 64, one pass per image)", f"{forward:.1f}", f"{forward / bound:.1f}", ""),
-        (f"bound: Keras compiled at batch {BATCH}x{steps}, / {steps} steps", f"{bound:.1f}", "1.00",
+        (f"bound: Keras at batch {BATCH}x{steps} (XLA or not: the faster), / {steps} steps", f"{bound:.1f}", "1.00",
          f"{bound / nengo_rate:.1f}"),
         (f"nengo_dl.Simulator, minibatch {BATCH}", f"{nengo_rate:.2f}", f"{nengo_rate / bound:.3f}", "1.0"),
         ("nengo_dl.Simulator, one image at a time", f"{single_rate:.2f}", f"{single_rate / bound:.3f}",
