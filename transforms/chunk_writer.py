@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
 
 import apache_beam as beam
 import xarray as xr
@@ -40,12 +39,12 @@ def _write(key: xbeam.Key, chunk: xr.Dataset, store: str, layout: StoreLayout) -
     return (start, int(time.time() * 1000)), timings
 
 
-def _written(outputs: Iterable) -> Iterator:
-    """Chunk start indices; their write times go to the distribution ``chunk_written_at_ms``
-    (its min and max give the steady-state throughput, start-up excluded)."""
-    for start, written_at in outputs:
-        Metrics.distribution(METRICS_NAMESPACE, "chunk_written_at_ms").update(written_at)
-        yield start
+def _written(output: tuple[int, int]) -> int:
+    """The chunk's start index; its write time goes to the distribution
+    ``chunk_written_at_ms`` (whose min and max give the steady-state throughput)."""
+    start, written_at = output
+    Metrics.distribution(METRICS_NAMESPACE, "chunk_written_at_ms").update(written_at)
+    return start
 
 
 class WriteChunks(beam.DoFn):
@@ -66,8 +65,9 @@ class WriteChunks(beam.DoFn):
     def process(self, keyed: tuple[xbeam.Key, xr.Dataset],
                 timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         future = writer().submit(_write, *keyed, self._store, self._layout)
-        yield from _written(self._unfinished.add(future, timestamp, window))
+        for output in self._unfinished.add(future, timestamp, window):
+            yield _written(output)
 
     def finish_bundle(self):
         for windowed in self._unfinished.drain():
-            yield windowed.with_value(next(_written([windowed.value])))
+            yield windowed.with_value(_written(windowed.value))
