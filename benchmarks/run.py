@@ -58,10 +58,10 @@ def best_of(repeats: int, fn) -> float:
     return min(times)
 
 
-def keras_rates(x: np.ndarray, steps: int) -> tuple[float, float]:
+def keras_rates(model, head, x: np.ndarray, steps: int) -> tuple[float, float]:
     """(forward pass images/s at batch 64, the bound: the model as a graph function at batch
     BATCH * steps, with or without XLA, whichever is faster, / steps)."""
-    model = cam_model(load_keras_model(SAMPLE_MODEL), find_cam_head(load_keras_model(SAMPLE_MODEL)))
+    model = cam_model(model, head)
     small = tf.constant(x[:64])
     big = tf.constant(np.resize(x, (BATCH * steps,) + x.shape[1:]))
     forward, bound = 0.0, 0.0
@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     x = canvases.images.astype(np.float32) / 255.0
     n = len(x)
     print(f"{n} sample images, {steps} steps, batch {BATCH}", flush=True)
-    forward, bound = keras_rates(x, steps)
-    print(f"keras forward {forward:.1f}/s, bound {bound:.1f}/s", flush=True)
-
     model = load_keras_model(SAMPLE_MODEL)
     head = find_cam_head(model)
+    forward, bound = keras_rates(model, head, x, steps)
+    print(f"keras forward {forward:.1f}/s, bound {bound:.1f}/s", flush=True)
+
     settings = SpikingSettings(n_steps=steps, batch_size=BATCH)
     fast = FastSpikingNetwork(model, head, settings)
     fast_rate = rate(n, best_of(3, lambda: fast.run(x)))
@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         ),
     ]
-    stage_rows = [(label, key) for label, key in (
+    stage_rows = (
         ("spiking engine", "engine_ms"), ("Keras reference", "reference_ms"), ("CAMs", "cam_ms"),
-        ("statistics (alongside the next chunk's engine)", "statistics_ms"), ("zarr writes", "write_ms"))]
+        ("statistics (alongside the next chunk's engine)", "statistics_ms"), ("zarr writes", "write_ms"))
     split = [
         (f"1 worker, {4 * n} images: time in each stage", "seconds", "of the run"),
         *((label, f"{one4[key] / 1000:.1f}", f"{one4[key] / 1000 / one4['wall_s']:.0%}") for label, key in stage_rows),
