@@ -172,12 +172,18 @@ def _scan_emissions(step, sequence: tf.Tensor, initial):
     return emitted
 
 
+def _decay(tau: float | None, dt: float) -> float | None:
+    """A lowpass synapse's decay per step, exp(-dt / tau); None for no synapse."""
+    return None if tau is None or tau == 0 else math.exp(-dt / tau)
+
+
 def _lowpass(signal: tf.Tensor, tau: float | None, dt: float) -> tf.Tensor:
     """NengoDL's lowpass synapse over time-major ``signal`` (T, ...): one step of delay."""
-    if tau is None or tau == 0:
+    decay = _decay(tau, dt)
+    if decay is None:
         return signal
-    a = tf.constant(math.exp(-dt / tau), signal.dtype)
-    b = tf.constant(1 - math.exp(-dt / tau), signal.dtype)
+    a = tf.constant(decay, signal.dtype)
+    b = tf.constant(1 - decay, signal.dtype)
     shifted = tf.concat([tf.zeros_like(signal[:1]), signal[:-1]], axis=0)
     return tf.scan(lambda y, x: a * y + b * x, shifted)
 
@@ -267,7 +273,7 @@ class FastSpikingNetwork:
             names = ("voltage", "refractory_time") if self._neuron == "lif" else ("voltage",)
             neuron_shape = (1,) + tuple(y.shape[1 if constant else 2 :])
             state = tuple(tf.broadcast_to(tf.reshape(self._states[step.name][k], neuron_shape), shape) for k in names)
-        decays = [None if tau is None or tau == 0 else math.exp(-dt / tau) for tau in taus]
+        decays = [_decay(tau, dt) for tau in taus]
         zeros = tf.zeros(shape, tf.float32)
         axes = tuple(range(1, len(y.shape) - (0 if constant else 1)))  # all but the batch
         current = self._current(step, y) if constant else None
