@@ -72,7 +72,7 @@ def _run_both(model, settings, images):
         expected = reference.run(images)
     finally:
         reference.close()
-    return head, expected, FastSpikingNetwork(model, head, settings, jit_compile=True).run(images)
+    return head, expected, FastSpikingNetwork(model, head, settings).run(images)
 
 
 def _images(shape, n=6, seed=0) -> np.ndarray:

@@ -1,0 +1,19 @@
+"""Compile the numba kernels into the worker image's cache, so that each worker does not
+spend ~10 s compiling them: run by deploy/Dockerfile after installing the package."""
+
+import numpy as np
+
+import transforms.nengo_shim  # noqa: F401  (before TensorFlow)
+from pipeline.sample import SAMPLE_MODEL
+from transforms.fast_engine import FastSpikingNetwork
+from transforms.localization import cam_boxes, peak_statistics, sweep_boxes
+from transforms.model_head import find_cam_head, load_keras_model
+from transforms.spiking import SpikingSettings
+
+maps = np.ones((1, 1, 4, 4), np.float32)
+cam_boxes(maps, 0.2)
+sweep_boxes(maps[0, 0], np.arange(3) / 3)
+peak_statistics(maps, np.full((1, 1, 4), 0.5, np.float32))
+model = load_keras_model(str(SAMPLE_MODEL))
+FastSpikingNetwork(model, find_cam_head(model), SpikingSettings(n_steps=2, batch_size=1)).run(
+    np.zeros((1,) + model.input_shape[1:], np.float32))

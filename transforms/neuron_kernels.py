@@ -1,0 +1,134 @@
+"""The fast engine's scans over time: neuron updates and lowpass synapses, compiled with numba.
+
+A population's scan is elementwise in the neurons and sequential in time. Run as one pass
+over all neurons per step (``tf.scan``, even XLA-compiled), it streams the neuron state and
+every synapse's state through memory at each step. Here each block of ``BLOCK`` neurons runs
+all its steps while its state stays in cache, so memory sees each input once and each
+output once (measured on one core, 16 images x 30 steps x 32,768 neurons: 57 ms for the
+XLA-compiled ``tf.scan``, ~15 ms here).
+
+Arithmetic is nengo-dl's, in float32 and in the same order, so spike counts agree with
+``nengo_dl.Simulator`` up to float ties (see ``transforms.fast_engine``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+BLOCK = 4096  # neurons whose state is kept in cache while they run all steps
+NEURONS = {"relu": 0, "spiking-relu": 1, "lif": 2, "identity": 3}  # "identity": s = J
+LIF_TAU_RC, LIF_TAU_REF = np.float32(0.02), np.float32(0.002)  # nengo.LIF's defaults (s)
+_ZERO, _ONE = np.float32(0), np.float32(1)
+
+
+@numba.njit(nogil=True, cache=True)
+def _current(y, b_in, b_out, scale, J) -> None:
+    """J = scale * (y + b_in) + b_out: a Conv2D's bias enters as b_in, a Dense's as
+    b_out = scale * b (zeros for the other, which leaves the result exact)."""
+    for i in range(J.size):
+        J[i] = scale * (y[i] + b_in[i]) + b_out[i]
+
+
+@numba.njit(nogil=True, cache=True)
+def _relu(J, s, amplitude) -> None:
+    for i in range(J.size):
+        s[i] = max(J[i], _ZERO) * amplitude
+
+
+@numba.njit(nogil=True, cache=True)
+def _spiking_relu(J, voltage, s, dt, amp_dt) -> None:
+    """nengo's SpikingRectifiedLinear: v += relu(J) dt, n = floor(v), v -= n."""
+    for i in range(J.size):
+        v = voltage[i] + max(J[i], _ZERO) * dt
+        n = np.floor(v)
+        voltage[i] = v - n
+        s[i] = n * amp_dt
+
+
+@numba.njit(nogil=True, cache=True)
+def _lif(J, voltage, refractory, s, dt, amp_dt) -> None:
+    """nengo's LIF step (tau_rc 20 ms, tau_ref 2 ms) with its sub-step spike timing."""
+    for i in range(J.size):
+        delta_t = min(max(dt - refractory[i], _ZERO), dt)
+        v = voltage[i] + (voltage[i] - J[i]) * np.float32(math.expm1(-delta_t / LIF_TAU_RC))
+        if v > _ONE:
+            partial = -LIF_TAU_RC * np.float32(math.log1p((_ONE - v) / (J[i] - _ONE)))
+            refractory[i] = LIF_TAU_REF - partial
+            voltage[i] = _ZERO
+            s[i] = amp_dt
+        else:
+            refractory[i] = refractory[i] - dt
+            voltage[i] = max(v, _ZERO)
+            s[i] = _ZERO
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _sum(s) -> float:
+    """Sum in float64 (any order: the sum only feeds the mean firing rate)."""
+    total = 0.0
+    for i in range(s.size):
+        total += s[i]
+    return total
+
+
+@numba.njit(nogil=True, cache=True)
+def _emit(s, filtered, a, b, out) -> None:
+    """Write this step's output of one synapse to ``out``: F(t) = a F(t-1) + b s(t-1),
+    F(0) = 0 (``filtered`` holds F(t) and takes on F(t+1)); a NaN passes s(t) unfiltered."""
+    if np.isnan(a):
+        out[:] = s
+        return
+    for i in range(s.size):
+        out[i] = filtered[i]
+        filtered[i] = a * filtered[i] + b * s[i]
+
+
+@numba.njit(nogil=True, cache=True)
+def run_population(y, b_in, b_out, scale, neuron, dt, amplitude, voltage0, refractory0, decays, gains, outs, rates):
+    """Run one neuron population over all steps, each of its synapses fused in.
+
+    y: the layer's linear output, (B, T, N) float32, or (B, 1, N) for an input that is the
+    same at every step; b_in, b_out, voltage0, refractory0: (N,) (see ``_current``; the
+    initial neuron state); scale: the converter's gain on J; neuron: a value of NEURONS;
+    dt (s); amplitude: output per unit rate (spikes give amplitude / dt); decays, gains:
+    (K,) the synapses' a and b = 1 - a (a NaN: no synapse).
+    Writes outs[k] (B, T, N): the output through synapse k, and rates (B, T): the mean
+    output over the neurons, times ``scale`` (Hz for spiking neurons).
+    """
+    n_images, n_steps, n_neurons = outs[0].shape
+    constant = y.shape[1] == 1
+    amp_dt = amplitude / dt
+    J = np.empty(BLOCK, np.float32)
+    s = np.empty(BLOCK, np.float32)
+    voltage = np.empty(BLOCK, np.float32)
+    refractory = np.empty(BLOCK, np.float32)
+    filtered = np.empty((len(outs), BLOCK), np.float32)
+    totals = np.zeros((n_images, n_steps))
+    for image in range(n_images):
+        for start in range(0, n_neurons, BLOCK):
+            stop = min(start + BLOCK, n_neurons)
+            w = stop - start
+            voltage[:w] = voltage0[start:stop]
+            refractory[:w] = refractory0[start:stop]
+            filtered[:, :w] = 0
+            for t in range(n_steps):
+                if t == 0 or not constant:
+                    _current(y[image, 0 if constant else t, start:stop], b_in[start:stop], b_out[start:stop], scale,
+                             J[:w])
+                if neuron == 0:
+                    _relu(J[:w], s[:w], amplitude)
+                elif neuron == 1:
+                    _spiking_relu(J[:w], voltage[:w], s[:w], dt, amp_dt)
+                elif neuron == 2:
+                    _lif(J[:w], voltage[:w], refractory[:w], s[:w], dt, amp_dt)
+                else:
+                    s[:w] = J[:w]
+                totals[image, t] += _sum(s[:w])
+                for k in range(len(outs)):
+                    _emit(s[:w], filtered[k, :w], decays[k], gains[k], outs[k][image, t, start:stop])
+    for image in range(n_images):
+        for t in range(n_steps):
+            rates[image, t] = totals[image, t] / n_neurons * scale
