@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from transforms.localization import (
     best_iou,
-    bilinear_matrix,
     cam_boxes,
     iou,
+    localize,
     peak_statistics,
     pearson,
     upsample,
@@ -80,13 +80,30 @@ def test_energy_in_boxes_counts_positive_mass_only():
     np.testing.assert_allclose(peak_statistics(maps[:, None], truth)["energy"][:, 0], [0.75, 0.0])
 
 
-def test_bilinear_matches_tensorflow_resize():
+def test_bilinear_equals_tensorflow_resize_bit_for_bit():
     import tensorflow as tf
 
     cam = np.random.default_rng(0).normal(size=(2, 3, 5, 4)).astype(np.float32)
-    expected = tf.image.resize(cam.reshape(6, 5, 4)[..., None], (40, 32), method="bilinear").numpy()[..., 0]
-    np.testing.assert_allclose(upsample(cam, (40, 32)).reshape(6, 40, 32), expected, atol=1e-5)
-    np.testing.assert_allclose(bilinear_matrix(5, 40).sum(axis=1), 1.0)
+    for size in ((40, 32), (64, 7), (5, 4)):
+        expected = tf.image.resize(cam.reshape(6, 5, 4)[..., None], size, method="bilinear").numpy()[..., 0]
+        np.testing.assert_array_equal(upsample(cam, size).reshape((6,) + size), expected)
+
+
+def test_localize_equals_boxes_and_peaks_of_the_upsampled_maps():
+    rng = np.random.default_rng(1)
+    smooth = rng.normal(size=(3, 4, 6, 6)).astype(np.float32)  # several blobs per map
+    smooth[0, 0] = 0.0  # no positive value: no box, no mass
+    smooth[1, 1] = -1.0
+    truth = np.full((3, 2, 4), np.nan, np.float32)
+    truth[0, 0] = (0.1, 0.2, 0.6, 0.9)
+    truth[1, :] = [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]
+    up = upsample(smooth, (24, 30))
+    got = localize(smooth, (24, 30), 0.3, truth)
+    np.testing.assert_array_equal(got["box"], cam_boxes(up, 0.3))
+    for name, value in peak_statistics(up, truth).items():
+        np.testing.assert_array_equal(got[name], value)
+    assert np.isnan(got["box"][0, 0]).all() and np.isnan(got["box"][1, 1]).all()
+    assert not np.isnan(got["box"][2]).any()
 
 
 def test_pearson_of_a_map_with_itself_and_a_constant():

@@ -4,7 +4,9 @@ The statistics look at ~500 upsampled 64x64 maps per image (every class and step
 100-threshold sweep). Boxing the largest blob with ``scipy.ndimage.label`` and numpy box
 extraction cost ~25 ms per image, and OpenCV's labelling with statistics ~8 ms; the
 kernels here label, measure and box each map in one union-find pass (~0.01 ms), and take
-each map's peak and positive mass in one more pass.
+each map's peak and positive mass in one more pass. ``localize_upsampled`` upsamples each
+map into a small buffer and runs both there, so the upsampled maps never go through
+memory (statistics: 4.9 -> 3.9 ms per image).
 
 Components are found with union-find on 8-connectivity; each component's root is its first
 pixel in row-major order, so ties between equally large components go to the one whose
@@ -62,52 +64,64 @@ def _box(out_row, bounds, root: int, height: int, width: int) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
+def _component_box(values, threshold, parent, area, bounds, extent, out_row) -> None:
+    """Box of the largest component of ``values >= threshold * max(values)`` into
+    ``out_row`` (left as is where the maximum is not positive). Labels runs of kept pixels
+    along rows rather than pixels: a run joins the runs of the row above that it overlaps
+    or touches diagonally. parent, area, bounds, extent: scratch for every run a map can have."""
+    height, width = values.shape
+    peak = values.max()
+    if not peak > 0:
+        return
+    cut = threshold * peak
+    runs, above_first, above_stop = 0, 0, 0  # runs so far; the row above's runs
+    for r in range(height):
+        row_first = runs
+        c = 0
+        while c < width:
+            if not values[r, c] >= cut:
+                c += 1
+                continue
+            first = c
+            while c < width and values[r, c] >= cut:
+                c += 1
+            run = runs
+            runs += 1
+            parent[run], area[run] = run, c - first
+            bounds[run, 0], bounds[run, 1], bounds[run, 2], bounds[run, 3] = r, first, r, c - 1
+            extent[run, 0], extent[run, 1] = first, c - 1
+            root = run
+            for above in range(above_first, above_stop):
+                if extent[above, 0] <= c and extent[above, 1] >= first - 1:
+                    root = _union(parent, area, bounds, root, above)
+        above_first, above_stop = row_first, runs
+    best = -1  # runs are numbered in raster order: ties go to the earlier root
+    for run in range(runs):
+        if parent[run] == run and (best < 0 or area[run] > area[best]):
+            best = run
+    _box(out_row, bounds, best, height, width)
+
+
+@numba.njit(nogil=True, cache=True)
+def _run_scratch(height: int, width: int):
+    """(parent, area, bounds, extent) for ``_component_box`` on (height, width) maps."""
+    most = height * ((width + 1) // 2)  # runs a map can have
+    return (np.empty(most, np.int64), np.empty(most, np.int64), np.empty((most, 4), np.int64),
+            np.empty((most, 2), np.int64))
+
+
+@numba.njit(nogil=True, cache=True)
 def largest_component_boxes(maps: np.ndarray, threshold: np.float32) -> np.ndarray:
     """Box of the largest component of ``map >= threshold * max(map)`` for each map.
 
-    Labels runs of kept pixels along rows rather than pixels: a run joins the runs of the
-    row above that it overlaps or touches diagonally. maps: (M, H, W) float32. Returns
-    (M, 4) float32; NaN where a map's maximum is not positive (no evidence, no box).
+    maps: (M, H, W) float32. Returns (M, 4) float32; NaN where a map's maximum is not
+    positive (no evidence, no box).
     """
     n_maps, height, width = maps.shape
     out = np.full((n_maps, 4), np.nan, np.float32)
-    most = height * ((width + 1) // 2)  # runs a map can have
-    parent = np.empty(most, np.int64)
-    area = np.empty(most, np.int64)
-    bounds = np.empty((most, 4), np.int64)  # of components: (first row, first col, last row, last col)
-    extent = np.empty((most, 2), np.int64)  # of runs: (first col, last col)
+    parent, area, bounds, extent = _run_scratch(height, width)
     for m in range(n_maps):
-        values = maps[m]
-        peak = values.max()
-        if not peak > 0:
-            continue
-        cut = threshold * peak
-        runs, above_first, above_stop = 0, 0, 0  # runs so far; the row above's runs
-        for r in range(height):
-            row_first = runs
-            c = 0
-            while c < width:
-                if not values[r, c] >= cut:
-                    c += 1
-                    continue
-                first = c
-                while c < width and values[r, c] >= cut:
-                    c += 1
-                run = runs
-                runs += 1
-                parent[run], area[run] = run, c - first
-                bounds[run, 0], bounds[run, 1], bounds[run, 2], bounds[run, 3] = r, first, r, c - 1
-                extent[run, 0], extent[run, 1] = first, c - 1
-                root = run
-                for above in range(above_first, above_stop):
-                    if extent[above, 0] <= c and extent[above, 1] >= first - 1:
-                        root = _union(parent, area, bounds, root, above)
-            above_first, above_stop = row_first, runs
-        best = -1  # runs are numbered in raster order: ties go to the earlier root
-        for run in range(runs):
-            if parent[run] == run and (best < 0 or area[run] > area[best]):
-                best = run
-        _box(out[m], bounds, best, height, width)
+        _component_box(maps[m], threshold, parent, area, bounds, extent, out[m])
     return out
 
 
@@ -163,6 +177,24 @@ def sweep_component_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndar
 
 
 @numba.njit(nogil=True, cache=True)
+def _peak_and_mass(values, inside) -> tuple[int, float, float]:
+    """(flat index of the maximum, the first in row-major order; sum of the positive
+    values; that sum over the ``inside`` pixels) of one (H, W) map."""
+    height, width = values.shape
+    best, best_index, mass, mass_inside = values[0, 0], 0, 0.0, 0.0
+    for r in range(height):
+        for c in range(width):
+            v = values[r, c]
+            if v > best:
+                best, best_index = v, r * width + c
+            if v > 0:
+                mass += v
+                if inside[r, c]:
+                    mass_inside += v
+    return best_index, mass, mass_inside
+
+
+@numba.njit(nogil=True, cache=True)
 def peak_and_mass(maps: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each map's peak and positive mass, in one pass.
 
@@ -171,22 +203,64 @@ def peak_and_mass(maps: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.
     (N, P) int64; the sum of its positive values, (N, P) float64; and that sum over the
     image's ``inside`` pixels, (N, P) float64.
     """
-    n_images, per_image, height, width = maps.shape
+    n_images, per_image = maps.shape[:2]
     peak = np.zeros((n_images, per_image), np.int64)
     total = np.zeros((n_images, per_image))
     within = np.zeros((n_images, per_image))
     for i in range(n_images):
         for m in range(per_image):
-            values = maps[i, m]
-            best, best_index, mass, mass_inside = values[0, 0], 0, 0.0, 0.0
-            for r in range(height):
-                for c in range(width):
-                    v = values[r, c]
-                    if v > best:
-                        best, best_index = v, r * width + c
-                    if v > 0:
-                        mass += v
-                        if inside[i, r, c]:
-                            mass_inside += v
-            peak[i, m], total[i, m], within[i, m] = best_index, mass, mass_inside
+            peak[i, m], total[i, m], within[i, m] = _peak_and_mass(maps[i, m], inside[i])
     return peak, total, within
+
+
+@numba.njit(nogil=True, cache=True)
+def upsample_bilinear(values, rows, cols, out) -> None:
+    """Bilinear resize of one (h, w) map into ``out`` (H, W), as TensorFlow's
+    ``ResizeBilinear`` computes it in float32: top = tl + (tr - tl) * x_lerp, bottom likewise,
+    out = top + (bottom - top) * y_lerp. rows, cols: ``resize_weights`` of each axis."""
+    low, high, lerp = rows
+    left, right, x_lerp = cols
+    h, width = values.shape[0], out.shape[1]
+    across = np.empty((h, width), np.float32)  # each input row interpolated along x
+    for r in range(h):
+        for c in range(width):
+            a, b = values[r, left[c]], values[r, right[c]]
+            across[r, c] = a + (b - a) * x_lerp[c]
+    for r in range(out.shape[0]):
+        top, bottom, f = across[low[r]], across[high[r]], lerp[r]
+        for c in range(width):
+            out[r, c] = top[c] + (bottom[c] - top[c]) * f
+
+
+@numba.njit(nogil=True, cache=True)
+def upsample_maps(maps, rows, cols):
+    """``upsample_bilinear`` of each of (M, h, w) maps: (M, H, W) float32."""
+    out = np.empty((len(maps), len(rows[0]), len(cols[0])), np.float32)
+    for m in range(len(maps)):
+        upsample_bilinear(maps[m], rows, cols, out[m])
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def localize_upsampled(maps, rows, cols, threshold, inside):
+    """``largest_component_boxes`` and ``peak_and_mass`` of every map upsampled by
+    ``upsample_bilinear``, one map at a time in a small buffer (the upsampled maps, 16x
+    the input's size, never go through memory).
+
+    maps: (N, P, h, w) float32; rows, cols: ``resize_weights`` to (H, W); inside: (N, H, W)
+    bool. Returns boxes (N, P, 4) float32, peak (N, P) int64, total and within (N, P) float64.
+    """
+    n_images, per_image = maps.shape[:2]
+    height, width = len(rows[0]), len(cols[0])
+    boxes = np.full((n_images, per_image, 4), np.nan, np.float32)
+    peak = np.zeros((n_images, per_image), np.int64)
+    total = np.zeros((n_images, per_image))
+    within = np.zeros((n_images, per_image))
+    up = np.empty((height, width), np.float32)
+    parent, area, bounds, extent = _run_scratch(height, width)
+    for i in range(n_images):
+        for m in range(per_image):
+            upsample_bilinear(maps[i, m], rows, cols, up)
+            peak[i, m], total[i, m], within[i, m] = _peak_and_mass(up, inside[i])
+            _component_box(up, threshold, parent, area, bounds, extent, boxes[i, m])
+    return boxes, peak, total, within

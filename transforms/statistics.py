@@ -15,8 +15,7 @@ import numpy as np
 
 from transforms.localization import (
     best_iou,
-    cam_boxes,
-    peak_statistics,
+    localize,
     pearson,
     sweep_boxes,
     upsample,
@@ -24,7 +23,6 @@ from transforms.localization import (
 
 IOU_LOCALIZED = 0.5
 TOP_K = 5
-MAX_UPSAMPLED_VALUES = 1 << 24  # maps are upsampled in blocks of at most this many pixels
 
 
 def sweep_thresholds() -> np.ndarray:
@@ -49,34 +47,16 @@ def _flag(condition: np.ndarray, defined: np.ndarray) -> np.ndarray:
 
 def _localization(maps: np.ndarray, truth: np.ndarray, settings: StatisticsSettings) -> dict:
     """Box, IoU, localized flag, pointing game, energy and peak of (N, ..., h, w) maps."""
-    up = upsample(maps, settings.size)
-    boxes = cam_boxes(up, settings.threshold)
-    iou = best_iou(boxes, truth).astype(np.float32)
-    peaks = peak_statistics(up, truth)
+    peaks = localize(maps, settings.size, settings.threshold, truth)
+    iou = best_iou(peaks["box"], truth).astype(np.float32)
     return {
-        "box": boxes,
+        "box": peaks["box"],
         "iou": iou,
         "localized": _flag(iou >= IOU_LOCALIZED, ~np.isnan(iou)),
         "pointing": peaks["pointing"].astype(np.float32),
         "energy": peaks["energy"].astype(np.float32),
         "peak": peaks["peak"].astype(np.float32) + 0.5,  # pixel centres, input pixels
     }
-
-
-def _localization_blocked(maps: np.ndarray, truth: np.ndarray, settings: StatisticsSettings) -> dict:
-    """``_localization`` over (N, K, T, h, w) maps, one image and a block of classes at a time,
-    so that upsampled maps stay under MAX_UPSAMPLED_VALUES."""
-    n, k = maps.shape[:2]
-    per_class = int(np.prod(maps.shape[2:-2])) * settings.size[0] * settings.size[1]
-    block = max(1, MAX_UPSAMPLED_VALUES // per_class)
-    images = []
-    for i in range(n):
-        parts = [
-            _localization(maps[i : i + 1, c : c + block], truth[i : i + 1], settings)
-            for c in range(0, k, block)
-        ]
-        images.append({name: np.concatenate([p[name] for p in parts], axis=1) for name in parts[0]})
-    return {name: np.concatenate([image[name] for image in images]) for name in images[0]}
 
 
 def max_box_hits(maps: np.ndarray, truth: np.ndarray, settings: StatisticsSettings) -> np.ndarray:
@@ -123,7 +103,7 @@ def image_statistics(
     rows = np.arange(n)
     has_label = labels >= 0
     has_boxes = ~np.isnan(boxes[..., 0]).all(axis=1)
-    spiking = _localization_blocked(cam, boxes, settings)
+    spiking = _localization(cam, boxes, settings)
     reference = _localization(cam_reference, boxes, settings)
     out = {f"cam_{name}": value for name, value in spiking.items()}
     out |= {f"cam_{name}_reference": value for name, value in reference.items()}
