@@ -120,7 +120,7 @@ def _add_run_parser(commands) -> None:
     store.add_argument("--max-boxes", type=_positive_int, default=8,
                        help="ground-truth boxes kept per image; an image with more fails (default: 8)")
     store.add_argument("--images-per-chunk", type=_positive_int,
-                       help="zarr chunk size along image (default: about 8 MB of cam per chunk)")
+                       help="zarr chunk size along image (default: about 20 MB of cam per chunk)")
     stats = run.add_argument_group("statistics")
     stats.add_argument("--cam-threshold", type=float, default=0.2,
                        help="CAM-paper box: keep pixels >= this fraction of the map's maximum (default: 0.2)")

@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.graph import build_pipeline
 from transforms.background import METRICS_NAMESPACE
-from transforms.cam_chunks import ChunkJob
+from transforms.cam_chunks import ChunkJob, available_cores
 from transforms.fast_engine import effective_settings
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.preprocess import Preprocessing
@@ -229,7 +229,7 @@ def worker_threads(beam_args: list[str]) -> int | None:
     workers = options.get("direct_num_workers") or 1
     if options.get("direct_running_mode") != "multi_processing" or workers <= 1:
         return None
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, available_cores() // workers)
 
 
 def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = None) -> xr.Dataset:

@@ -67,6 +67,12 @@ def check_example(label: int, boxes: np.ndarray, n_classes: int, max_boxes: int)
         raise ValueError(f"{len(boxes)} boxes, more than --max-boxes={max_boxes}")
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity: less than the machine's under
+    ``taskset`` or a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def limit_threads(threads: int | None) -> None:
     """Give this process's TensorFlow ``threads`` threads (e.g. cores / worker processes),
     so that worker processes sharing a machine do not fight over its cores."""
@@ -88,7 +94,7 @@ class Networks:
         limit_threads(job.threads_per_worker)
         model = load_keras_model(job.model_path)
         self.head: CamHead = find_cam_head(model, job.model_path)
-        threads = job.threads_per_worker or os.cpu_count() or 1
+        threads = job.threads_per_worker or available_cores()
         if job.settings.engine == "fast":
             self.spiking = FastSpikingNetwork(model, self.head, job.settings, concurrent_batches=min(2, threads))
         else:

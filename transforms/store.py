@@ -138,10 +138,13 @@ class StoreLayout:
     images_per_chunk: int
 
 
-def chunk_size_for(head: CamHead, n_steps: int, batch_size: int, target_bytes: float = 8e6) -> int:
+def chunk_size_for(head: CamHead, n_steps: int, batch_size: int, target_bytes: float = 20e6) -> int:
     """Images per chunk so that a ``cam`` chunk is about ``target_bytes``.
 
-    A multiple of ``batch_size`` so that chunks split into whole simulator batches.
+    A multiple of ``batch_size`` so that chunks split into whole simulator batches. Each
+    chunk costs ~1 ms of zarr overhead per variable, so larger chunks write faster (shipped
+    model, 1 worker: 72 images/s at 8 MB, 81 at 20 MB, 83 at 30 MB, which needs ~150 MB
+    more memory than 20 MB).
     """
     height, width, _ = head.feature_shape
     cam_bytes_per_image = head.n_classes * n_steps * height * width * 4
