@@ -5,8 +5,8 @@
 Measures, side by side on this machine: the Keras forward pass and the strict bound (the
 same model as a compiled function at batch images x steps, divided by steps);
 ``nengo_dl.Simulator`` batched and one image at a time; the fast engine alone; the whole
-pipeline end to end (FnApiRunner: 1 worker, 1 worker with one TensorFlow thread, 2 worker
-processes) with where its time goes;
+pipeline end to end (FnApiRunner: 1 worker, 1 worker with one TensorFlow thread, 1 worker
+confined to one core, 2 worker processes) with where its time goes;
 peak memory of a worker for the dataset at 1x and 4x its size. Prints a table of ratios
 and writes it to ``docs/benchmarks.md``.
 """
@@ -72,8 +72,10 @@ def keras_rates(model, head, x: np.ndarray, steps: int) -> tuple[float, float]:
     return forward, bound
 
 
-def pipeline_run(input_args: list[str], extra: list[str], workdir: Path, name: str) -> dict:
-    """Run the pipeline in a fresh process; its wall time, Beam metrics and peak memory."""
+def pipeline_run(input_args: list[str], extra: list[str], workdir: Path, name: str, cores: int | None = None) -> dict:
+    """Run the pipeline in a fresh process (on its first ``cores`` cores only: CPU affinity,
+    which TensorFlow and the pipeline's thread counts follow); its wall time, Beam metrics
+    and peak memory."""
     out = workdir / f"{name}.zarr"
     code = """
 import json, resource, sys, time
@@ -92,7 +94,8 @@ print("METRICS " + json.dumps(metrics))
 """
     command = [sys.executable, "-c", code, "run", *input_args, "--output", str(out), "--overwrite", *extra]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    pin = (lambda: os.sched_setaffinity(0, set(range(cores)))) if cores else None
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=pin)
     if result.returncode:
         raise RuntimeError(f"pipeline run {name} failed:\n{result.stderr[-3000:]}")
     metrics = json.loads(result.stdout.split("METRICS ", 1)[1].splitlines()[0])
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"nengo_dl one image at a time {single_rate:.2f}/s", flush=True)
 
     two_workers = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    configurations = (("1w", []), ("1w1t", ["--worker-threads=1"]), ("2w", two_workers))
+    configurations = (("1w", [], None), ("1w1t", ["--worker-threads=1"], None), ("1c", [], 1),
+                      ("2w", two_workers, None))
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -147,11 +151,11 @@ def main(argv: list[str] | None = None) -> None:
             folder.mkdir()
             for i in range(copies):
                 write_plain_tfrecord(folder / f"part-{i}.tfrecord", canvases)
-        for config, extra in configurations:
+        for config, extra, cores in configurations:
             for copies in (1, 4):
                 name = f"{config}_x{copies}"
                 runs[name] = pipeline_run(["--input", str(workdir / f"x{copies}" / "*.tfrecord")], extra,
-                                          workdir, name)
+                                          workdir, name, cores)
                 print(f"pipeline {config}, {copies * n} images: {runs[name]['wall_s']:.1f} s", flush=True)
 
     one, one4, two, two4 = runs["1w_x1"], runs["1w_x4"], runs["2w_x1"], runs["2w_x4"]
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         span_s = (run["chunk_written_at_ms_max"] - run["chunk_written_at_ms_min"]) / 1000
         return (4 * n - run["images_per_chunk"]) / span_s
 
-    steady, steady_1t, steady_2 = steady_rate("1w"), steady_rate("1w1t"), steady_rate("2w")
+    steady, steady_1t, steady_1c, steady_2 = (steady_rate(c) for c in ("1w", "1w1t", "1c", "2w"))
     overhead = 1 - steady / fast_rate  # the share of the pipeline's time beyond the engine alone
     rows = [
         ("measurement", "images/s", "x bound", "x nengo_dl batched"),
@@ -182,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                 (f"pipeline, 1 worker, {n} images end to end (start-up included)", end_to_end),
                 (f"pipeline, 1 worker, steady state ({4 * n} images, first to last chunk written)", steady),
                 ("pipeline, 1 worker with 1 TensorFlow thread, steady state", steady_1t),
+                ("pipeline, 1 worker confined to 1 core (CPU affinity), steady state", steady_1c),
                 (f"pipeline, 2 worker processes, {n} images end to end", end_to_end_2),
                 ("pipeline, 2 worker processes, steady state", steady_2),
             )
@@ -216,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"2 worker processes vs 1: {steady_2 / steady:.2f}x in steady state "
         f"({one['wall_s'] / two['wall_s']:.2f}x end to end on {n} images, start-up included); "
-        f"vs 1 worker with the same TensorFlow threads per worker (1): {steady_2 / steady_1t:.2f}x.",
+        f"vs 1 worker with the same TensorFlow threads per worker (1): {steady_2 / steady_1t:.2f}x; "
+        f"vs 1 worker confined to 1 core, i.e. scaling from 1 core to {os.cpu_count()}: {steady_2 / steady_1c:.2f}x.",
         "",
         table(split),
         "",
