@@ -199,9 +199,10 @@ class FastSpikingNetwork:
     """
 
     def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings, concurrent_batches: int = 2):
-        """concurrent_batches: minibatches simulated at once, from as many threads. A scan
-        runs on one core, so a second batch in flight keeps another core busy while the
-        first convolves or scans."""
+        """concurrent_batches: minibatches simulated at once, from as many threads (every
+        batch runs in one of them, so there are as many sets of layer buffers, ~250 MB each
+        for the shipped model at batch 16 x 30 steps). A scan runs on one core, so a second
+        batch in flight keeps another core busy while the first convolves or scans."""
         self.head = head
         self.settings = settings
         converted = convert(model, head, settings)
@@ -325,6 +326,6 @@ class FastSpikingNetwork:
                 result[part] = output[: len(x)]
 
         starts = range(0, n, batch)
-        for _ in self._pool.map(simulate, starts) if self._pool and len(starts) > 1 else map(simulate, starts):
+        for _ in self._pool.map(simulate, starts) if self._pool else map(simulate, starts):
             pass
         return results
