@@ -1,4 +1,4 @@
-"""The compiled largest-component kernels against scipy.ndimage, map by map."""
+"""The compiled largest-component and peak kernels against scipy.ndimage and numpy, map by map."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from transforms.localization import (
-    cam_boxes,
-    in_boxes_mask,
-    peak_statistics,
-    sweep_boxes,
-)
+from tests.map_helpers import boxes_of, peaks_of
+from transforms.localization import in_boxes_mask, sweep_boxes
 from transforms.statistics import sweep_thresholds
 
 
@@ -42,9 +38,9 @@ maps = st.tuples(st.integers(1, 4), st.integers(1, 14), st.integers(1, 14), st.i
 
 @settings(max_examples=300, deadline=None)
 @given(maps, st.sampled_from([0.2, 0.5, 1.0]))
-def test_cam_boxes_equal_scipy_labelling(stack, threshold):
+def test_boxes_equal_scipy_labelling(stack, threshold):
     expected = np.stack([scipy_cam_box(m, threshold) for m in stack])
-    np.testing.assert_array_equal(cam_boxes(stack, threshold), expected)
+    np.testing.assert_array_equal(boxes_of(stack, threshold), expected)
 
 
 @settings(max_examples=300, deadline=None)
@@ -60,7 +56,7 @@ def test_smooth_maps_equal_scipy():
     rng = np.random.default_rng(1)
     stack = ndimage.gaussian_filter(rng.normal(size=(40, 64, 64)), (0, 3, 3)).astype(np.float32)
     expected = np.stack([scipy_cam_box(m, 0.2) for m in stack])
-    np.testing.assert_array_equal(cam_boxes(stack, 0.2), expected)
+    np.testing.assert_array_equal(boxes_of(stack, 0.2), expected)
     values = (stack[0] - stack[0].min()) / np.ptp(stack[0])
     expected = np.stack([scipy_box(values >= t) for t in sweep_thresholds()])
     np.testing.assert_array_equal(sweep_boxes(values, sweep_thresholds()), expected)
@@ -71,7 +67,7 @@ def test_equal_blobs_go_to_the_first_in_row_major_order():
     mask[0, 3:5] = 1  # first pixel (0, 3)
     mask[3:5, 0] = 1  # same size, first pixel (3, 0)
     first = np.array([0, 0.6, 0.2, 1.0], np.float32)
-    np.testing.assert_array_equal(cam_boxes(mask[None], 1.0)[0], first)
+    np.testing.assert_array_equal(boxes_of(mask[None], 1.0)[0], first)
     np.testing.assert_array_equal(sweep_boxes(mask, [0.5])[0], first)
 
 
@@ -80,8 +76,8 @@ def test_a_run_joins_only_runs_it_touches():
     # the pixel at (1, 6) touches none of it and must stay a blob of its own.
     mask = np.array([[1, 0, 0, 0, 1, 0, 0],
                      [1, 1, 1, 1, 1, 0, 1]], np.float32)
-    np.testing.assert_array_equal(cam_boxes(mask[None], 1.0)[0], np.array([0, 0, 1, 5 / 7], np.float32))
-    np.testing.assert_array_equal(cam_boxes(mask[None, ::-1], 1.0)[0], np.array([0, 0, 1, 5 / 7], np.float32))
+    np.testing.assert_array_equal(boxes_of(mask[None], 1.0)[0], np.array([0, 0, 1, 5 / 7], np.float32))
+    np.testing.assert_array_equal(boxes_of(mask[None, ::-1], 1.0)[0], np.array([0, 0, 1, 5 / 7], np.float32))
 
 
 def test_sweep_thresholds_must_be_ascending():
@@ -91,7 +87,7 @@ def test_sweep_thresholds_must_be_ascending():
 
 @settings(max_examples=100, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9), st.integers(0, 2**32 - 1))
-def test_peak_statistics_equal_numpy(n, per_image, size, seed):
+def test_peaks_equal_numpy(n, per_image, size, seed):
     rng = np.random.default_rng(seed)
     maps = (rng.integers(-2, 3, size=(n, per_image, size, size)) / 2).astype(np.float32)  # ties at the peak
     corner = rng.uniform(0, 0.6, size=(n, 1, 2))
@@ -104,7 +100,7 @@ def test_peak_statistics_equal_numpy(n, per_image, size, seed):
     total, within = positive.sum((-2, -1)), (positive * inside).sum((-2, -1))
     share = np.divide(within, total, out=np.zeros_like(total), where=total > 0)
     has_gt = np.arange(n)[:, None] > 0
-    result = peak_statistics(maps, truth)
+    result = peaks_of(maps, truth)
     np.testing.assert_array_equal(result["peak"], np.stack([index // size, index % size], -1))
     hit = np.take_along_axis(np.broadcast_to(inside, maps.shape).reshape(n, per_image, -1), index[..., None], -1)[..., 0]
     np.testing.assert_array_equal(result["pointing"], np.where(has_gt, hit, np.nan))

@@ -14,13 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transforms.map_kernels import (
-    largest_component_boxes,
-    localize_upsampled,
-    peak_and_mass,
-    sweep_component_boxes,
-    upsample_maps,
-)
+from transforms.map_kernels import localize_upsampled, sweep_component_boxes, upsample_maps
 
 
 def resize_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,35 +37,43 @@ def upsample(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def localize(cams: np.ndarray, size: tuple[int, int], threshold: float, truth: np.ndarray) -> dict[str, np.ndarray]:
-    """``cam_boxes`` and ``peak_statistics`` of the (N, ..., h, w) maps upsampled to ``size``,
-    without holding the upsampled maps (16x the CAMs for 64x64 from 16x16) in memory."""
+    """Box, peak, pointing game and energy of each (N, ..., h, w) map upsampled to ``size``,
+    one map at a time (the upsampled maps, 16x the CAMs for 64x64 from 16x16, are never held).
+
+    truth: (N, B, 4) normalized, NaN-padded. Returns
+    box: (..., 4) the CAM paper's box: keep pixels >= threshold * max, box the largest
+    8-connected blob; NaN for a map whose maximum is not positive (all zero or all
+    negative: no evidence for the class); ties between equally large blobs go to the one
+    whose first pixel comes first in row-major order;
+    peak: (..., 2) integer (row, col) of the maximum (the first in row-major order);
+    pointing: 1.0 where the peak pixel's centre lies in a ground-truth box, else 0.0;
+    energy: share of the map's positive mass inside the boxes (Score-CAM's energy-based
+    pointing game), 0 for a map with no positive mass. Pointing and energy are NaN for
+    images without boxes.
+    """
     n, lead, (h, w) = cams.shape[0], cams.shape[1:-2], cams.shape[-2:]
     flat = np.ascontiguousarray(cams, np.float32).reshape((n, -1, h, w))
     inside = in_boxes_mask(truth, size)
     boxes, index, total, within = localize_upsampled(
         flat, resize_weights(h, size[0]), resize_weights(w, size[1]), np.float32(threshold), inside)
-    return {"box": boxes.reshape((n,) + lead + (4,))} | _peak_results(index, total, within, inside, truth,
-                                                                        (n,) + lead, size[1])
-
-
-def cam_boxes(maps: np.ndarray, threshold: float = 0.2) -> np.ndarray:
-    """The CAM paper's box: keep pixels >= threshold * max, box the largest 8-connected blob.
-
-    maps: (..., H, W) upsampled CAMs. Returns (..., 4) normalized boxes. A map whose
-    maximum is not positive (all zero or all negative: no evidence for the class) has no
-    box: NaN. Ties between equally large blobs go to the one whose first pixel comes
-    first in row-major order.
-    """
-    lead, size = maps.shape[:-2], maps.shape[-2:]
-    flat = np.ascontiguousarray(maps, np.float32).reshape((-1,) + size)
-    return largest_component_boxes(flat, np.float32(threshold)).reshape(lead + (4,))
+    hit = np.take_along_axis(inside.reshape(n, -1), index, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, within / total, 0.0)
+    has_gt = ~np.isnan(truth[:, :, 0]).all(axis=1)[:, None]
+    shape = (n,) + lead
+    return {
+        "box": boxes.reshape(shape + (4,)),
+        "peak": np.stack([index // size[1], index % size[1]], axis=-1).reshape(shape + (2,)),
+        "pointing": np.where(has_gt, hit, np.nan).reshape(shape),
+        "energy": np.where(has_gt, share, np.nan).reshape(shape),
+    }
 
 
 def sweep_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Box of the largest 8-connected blob of ``values >= t`` for each threshold t.
 
     values: (H, W); thresholds: (S,) ascending. Returns (S, 4) normalized boxes, NaN where
-    no pixel reaches t. Ties as in ``cam_boxes``.
+    no pixel reaches t. Ties as in ``localize``.
     """
     thresholds = np.asarray(thresholds, np.float64)
     if np.any(np.diff(thresholds) < 0):
@@ -125,37 +127,6 @@ def in_boxes_mask(truth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
             & (xs[None, :] >= t[..., 1]) & (xs[None, :] < t[..., 3])
         )
     return inside.any(axis=1)
-
-
-def peak_statistics(maps: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
-    """Each map's peak, pointing game and energy in boxes, from one pass over the maps.
-
-    maps: (N, ..., H, W); truth: (N, B, 4) normalized, NaN-padded. Returns
-    peak: (..., 2) integer (row, col) of the maximum (the first in row-major order);
-    pointing: 1.0 where the peak pixel's centre lies in a ground-truth box, else 0.0;
-    energy: share of the map's positive mass inside the boxes (Score-CAM's energy-based
-    pointing game), 0 for a map with no positive mass. Pointing and energy are NaN for
-    images without boxes.
-    """
-    n, lead, (height, width) = maps.shape[0], maps.shape[1:-2], maps.shape[-2:]
-    inside = in_boxes_mask(truth, (height, width))
-    flat = np.ascontiguousarray(maps, np.float32).reshape(n, -1, height, width)
-    return _peak_results(*peak_and_mass(flat, inside), inside, truth, (n,) + lead, width)
-
-
-def _peak_results(index: np.ndarray, total: np.ndarray, within: np.ndarray, inside: np.ndarray, truth: np.ndarray,
-                  shape: tuple[int, ...], width: int) -> dict[str, np.ndarray]:
-    """``peak_statistics``'s results from ``peak_and_mass``'s, for maps of ``shape`` (N, ...)."""
-    n = shape[0]
-    hit = np.take_along_axis(inside.reshape(n, -1), index, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.where(total > 0, within / total, 0.0)
-    has_gt = ~np.isnan(truth[:, :, 0]).all(axis=1)[:, None]
-    return {
-        "peak": np.stack([index // width, index % width], axis=-1).reshape(shape + (2,)),
-        "pointing": np.where(has_gt, hit, np.nan).reshape(shape),
-        "energy": np.where(has_gt, share, np.nan).reshape(shape),
-    }
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:

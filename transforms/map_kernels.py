@@ -111,21 +111,6 @@ def _run_scratch(height: int, width: int):
 
 
 @numba.njit(nogil=True, cache=True)
-def largest_component_boxes(maps: np.ndarray, threshold: np.float32) -> np.ndarray:
-    """Box of the largest component of ``map >= threshold * max(map)`` for each map.
-
-    maps: (M, H, W) float32. Returns (M, 4) float32; NaN where a map's maximum is not
-    positive (no evidence, no box).
-    """
-    n_maps, height, width = maps.shape
-    out = np.full((n_maps, 4), np.nan, np.float32)
-    parent, area, bounds, extent = _run_scratch(height, width)
-    for m in range(n_maps):
-        _component_box(maps[m], threshold, parent, area, bounds, extent, out[m])
-    return out
-
-
-@numba.njit(nogil=True, cache=True)
 def sweep_component_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Box of the largest component of ``values >= t`` for every t in ``thresholds``.
 
@@ -195,25 +180,6 @@ def _peak_and_mass(values, inside) -> tuple[int, float, float]:
 
 
 @numba.njit(nogil=True, cache=True)
-def peak_and_mass(maps: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each map's peak and positive mass, in one pass.
-
-    maps: (N, P, H, W) float32, P maps per image; inside: (N, H, W) bool, one mask per
-    image. Returns the flat index of each map's maximum (the first in row-major order),
-    (N, P) int64; the sum of its positive values, (N, P) float64; and that sum over the
-    image's ``inside`` pixels, (N, P) float64.
-    """
-    n_images, per_image = maps.shape[:2]
-    peak = np.zeros((n_images, per_image), np.int64)
-    total = np.zeros((n_images, per_image))
-    within = np.zeros((n_images, per_image))
-    for i in range(n_images):
-        for m in range(per_image):
-            peak[i, m], total[i, m], within[i, m] = _peak_and_mass(maps[i, m], inside[i])
-    return peak, total, within
-
-
-@numba.njit(nogil=True, cache=True)
 def upsample_bilinear(values, rows, cols, out) -> None:
     """Bilinear resize of one (h, w) map into ``out`` (H, W), as TensorFlow's
     ``ResizeBilinear`` computes it in float32: top = tl + (tr - tl) * x_lerp, bottom likewise,
@@ -243,9 +209,9 @@ def upsample_maps(maps, rows, cols):
 
 @numba.njit(nogil=True, cache=True)
 def localize_upsampled(maps, rows, cols, threshold, inside):
-    """``largest_component_boxes`` and ``peak_and_mass`` of every map upsampled by
-    ``upsample_bilinear``, one map at a time in a small buffer (the upsampled maps, 16x
-    the input's size, never go through memory).
+    """The largest-component box (``_component_box``) and the peak and mass
+    (``_peak_and_mass``) of every map upsampled by ``upsample_bilinear``, one map at a time
+    in a small buffer (the upsampled maps, 16x the input's size, never go through memory).
 
     maps: (N, P, h, w) float32; rows, cols: ``resize_weights`` to (H, W); inside: (N, H, W)
     bool. Returns boxes (N, P, 4) float32, peak (N, P) int64, total and within (N, P) float64.

@@ -47,15 +47,15 @@ def _flag(condition: np.ndarray, defined: np.ndarray) -> np.ndarray:
 
 def _localization(maps: np.ndarray, truth: np.ndarray, settings: StatisticsSettings) -> dict:
     """Box, IoU, localized flag, pointing game, energy and peak of (N, ..., h, w) maps."""
-    peaks = localize(maps, settings.size, settings.threshold, truth)
-    iou = best_iou(peaks["box"], truth).astype(np.float32)
+    found = localize(maps, settings.size, settings.threshold, truth)
+    iou = best_iou(found["box"], truth).astype(np.float32)
     return {
-        "box": peaks["box"],
+        "box": found["box"],
         "iou": iou,
         "localized": _flag(iou >= IOU_LOCALIZED, ~np.isnan(iou)),
-        "pointing": peaks["pointing"].astype(np.float32),
-        "energy": peaks["energy"].astype(np.float32),
-        "peak": peaks["peak"].astype(np.float32) + 0.5,  # pixel centres, input pixels
+        "pointing": found["pointing"].astype(np.float32),
+        "energy": found["energy"].astype(np.float32),
+        "peak": found["peak"].astype(np.float32) + 0.5,  # pixel centres, input pixels
     }
 
 
@@ -153,8 +153,8 @@ def image_statistics(
 def image_statistics_threaded(
     *arrays: np.ndarray, settings: StatisticsSettings, pool: ThreadPoolExecutor | None, threads: int
 ) -> dict[str, np.ndarray]:
-    """``image_statistics`` over groups of images in the threads of ``pool`` (scipy's
-    labelling and numpy release the GIL), or inline without one; the same result, image by
+    """``image_statistics`` over groups of images in the threads of ``pool`` (the numba
+    kernels and numpy release the GIL), or inline without one; the same result, image by
     image. Keep one pool (of ``threads`` threads) per process: threads made anew for every
     chunk each get a malloc arena of their own, and the process's memory grows with the data."""
     n = len(arrays[0])
