@@ -111,8 +111,8 @@ class ComputeCamChunk(beam.DoFn):
     """(chunk index, [(image index, serialized record), ...]) -> (xbeam.Key, chunk Dataset).
 
     The simulation runs in ``process``; the chunk's CAMs and statistics are finished in a
-    background thread while the next chunk simulates (the engine leaves a core idle during
-    its scans), and are emitted by a later ``process`` call or by ``finish_bundle``. At most
+    background thread while the next chunk simulates (using the cycles the engine leaves
+    idle), and are emitted by a later ``process`` call or by ``finish_bundle``. At most
     ``MAX_UNFINISHED`` chunks per DoFn are held, so memory does not grow with the data.
     """
 

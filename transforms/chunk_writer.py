@@ -1,6 +1,6 @@
 """Beam DoFn: write each finished chunk into the store, in a background thread.
 
-Writing a chunk (~35 arrays, zstd) takes ~2 ms per image; in the DoFn's own thread it
+Writing a chunk (~35 arrays, zstd) takes ~1-2 ms per image; in the DoFn's own thread it
 would hold up the next chunk's simulation, so it runs in one writer thread per process.
 """
 

@@ -208,8 +208,7 @@ class FastSpikingNetwork:
         converted = convert(model, head, settings)
         self.neuron_layers = converted.neuron_layers
         self.steps = checked_plan(model, head, self.neuron_layers)
-        self._last_neurons = max((i for i, step in enumerate(self.steps) if step.neurons), default=None)
-        if self._last_neurons is None:
+        if not any(step.neurons for step in self.steps):
             raise UnsupportedNetwork("no neuron layer before the feature map")
         self._states = _initial_states(converted, self.neuron_layers, settings.dt)
         self._biases: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -286,7 +285,7 @@ class FastSpikingNetwork:
                 outs, taus = outs + (features.reshape(n, steps, size),), taus + (s.probe_synapse,)
             self._neurons(index, y.numpy().reshape(n, -1, size), neuron_shape, outs, taus, rates[:, :, layer])
             x, over_time, layer = _as_tensor(filtered), True, layer + 1
-        if self._last_neurons < len(self.steps) - 1:  # a linear feature layer after the last neurons
+        if not self.steps[-1].neurons:  # a linear feature layer after the last neurons
             self._lowpass(x.numpy().reshape(n, steps, -1), features.reshape(n, steps, -1), s.probe_synapse)
         pooled = tf.reduce_mean(x, axis=(2, 3))  # GAP of what the Dense reads: (B, T, C)
         logits[:] = tf.tensordot(pooled, self.head.weights, axes=1) + self.head.bias
