@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = SpikingSettings(n_steps=steps, batch_size=BATCH)
     fast = FastSpikingNetwork(model, head, settings)
     fast_rate = rate(n, best_of(3, lambda: fast.run(x)))
+    fast.close()
     print(f"fast engine {fast_rate:.1f}/s", flush=True)
     nengo = SpikingNetwork(model, head, settings)
     nengo_rate = rate(args.nengo_images, best_of(1, lambda: nengo.run(x[: args.nengo_images])))
@@ -141,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"nengo_dl one image at a time {single_rate:.2f}/s", flush=True)
 
     two_workers = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    configurations = (("1w", [], None), ("1w1t", ["--worker-threads=1"], None), ("1c", [], 1),
-                      ("2w", two_workers, None))
+    # (name, pipeline arguments, cores, data sizes): 1x for end to end and memory, 4x for steady state.
+    configurations = (("1w", [], None, (1, 4)), ("1w1t", ["--worker-threads=1"], None, (4,)), ("1c", [], 1, (4,)),
+                      ("2w", two_workers, None, (1, 4)))
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -151,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             folder.mkdir()
             for i in range(copies):
                 write_plain_tfrecord(folder / f"part-{i}.tfrecord", canvases)
-        for config, extra, cores in configurations:
-            for copies in (1, 4):
+        for config, extra, cores, sizes in configurations:
+            for copies in sizes:
                 name = f"{config}_x{copies}"
                 runs[name] = pipeline_run(["--input", str(workdir / f"x{copies}" / "*.tfrecord")], extra,
                                           workdir, name, cores)
