@@ -10,6 +10,7 @@ from scipy import ndimage
 
 from tests.map_helpers import boxes_of, peaks_of
 from transforms.localization import in_boxes_mask, sweep_boxes
+from transforms.map_kernels import _argmax
 from transforms.statistics import sweep_thresholds
 
 
@@ -41,6 +42,27 @@ maps = st.tuples(st.integers(1, 4), st.integers(1, 14), st.integers(1, 14), st.i
 def test_boxes_equal_scipy_labelling(stack, threshold):
     expected = np.stack([scipy_cam_box(m, threshold) for m in stack])
     np.testing.assert_array_equal(boxes_of(stack, threshold), expected)
+
+
+# Rows wider than 64 pixels span several 64-bit words of the run finder; few levels make
+# runs that cross word boundaries common.
+wide_maps = st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(60, 200), st.integers(0, 2**32 - 1)).map(
+    lambda a: (np.random.default_rng(a[3]).random(a[:3]) < 0.9).astype(np.float32)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(wide_maps)
+def test_wide_rows_equal_scipy_labelling(stack):
+    expected = np.stack([scipy_cam_box(m, 1.0) for m in stack])
+    np.testing.assert_array_equal(boxes_of(stack, 1.0), expected)
+
+
+def test_a_run_across_word_boundaries():
+    mask = np.zeros((2, 200), np.float32)
+    mask[0, 60:130] = 1  # bits 60-129: three words
+    mask[1, 128:200] = 1  # touches it diagonally at 129, runs to the last pixel
+    np.testing.assert_array_equal(boxes_of(mask[None], 1.0)[0], np.array([0, 0.3, 1, 1], np.float32))
 
 
 @settings(max_examples=300, deadline=None)
@@ -86,7 +108,7 @@ def test_sweep_thresholds_must_be_ascending():
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9), st.integers(0, 2**32 - 1))
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**32 - 1))
 def test_peaks_equal_numpy(n, per_image, size, seed):
     rng = np.random.default_rng(seed)
     maps = (rng.integers(-2, 3, size=(n, per_image, size, size)) / 2).astype(np.float32)  # ties at the peak
@@ -105,3 +127,15 @@ def test_peaks_equal_numpy(n, per_image, size, seed):
     hit = np.take_along_axis(np.broadcast_to(inside, maps.shape).reshape(n, per_image, -1), index[..., None], -1)[..., 0]
     np.testing.assert_array_equal(result["pointing"], np.where(has_gt, hit, np.nan))
     np.testing.assert_allclose(result["energy"], np.where(has_gt, share, np.nan), rtol=1e-6)
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 2**32 - 1))
+def test_argmax_equals_numpy(n, seed):
+    # Few levels, with -0.0 beside 0.0 and infinities: the search orders floats by their
+    # bits, where -0.0 and 0.0 must still tie (numpy: the first of them).
+    levels = np.array([-np.inf, -2.5, -1e-40, -0.0, 0.0, 1e-40, 3.0, np.inf], np.float32)
+    rng = np.random.default_rng(seed)
+    values = levels[rng.integers(0, len(levels) - int(rng.integers(0, 5)), size=n)]
+    assert _argmax(values) == np.argmax(values)

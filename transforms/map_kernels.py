@@ -3,21 +3,23 @@
 The statistics look at ~500 upsampled 64x64 maps per image (every class and step, plus a
 100-threshold sweep). Boxing the largest blob with ``scipy.ndimage.label`` and numpy box
 extraction cost ~25 ms per image, and OpenCV's labelling with statistics ~8 ms; the
-kernels here label, measure and box each map in one union-find pass (~0.01 ms), and take
-each map's peak and positive mass in one more pass. ``localize_upsampled`` upsamples each
-map into a small buffer and runs both there, so the upsampled maps never go through
-memory (statistics: 4.9 -> 3.9 ms per image).
+kernels here label, measure and box each map in one union-find pass over runs of kept
+pixels, found 64 pixels at a time from a bit mask of each row. The peak and the positive
+mass take two vectorized passes. ``localize_upsampled`` upsamples each map into a small
+buffer and runs all of them there, so the upsampled maps never go through memory. One
+64-image chunk of the shipped model: 2.6 -> 1.6 ms per image (pixel-by-pixel run scans
+and a branchy peak pass before).
 
 Components are found with union-find on 8-connectivity; each component's root is its first
 pixel in row-major order, so ties between equally large components go to the one whose
 first pixel comes first. Boxes are (ymin, xmin, ymax, xmax) on pixel edges, normalized by
-the map size, NaN for "no component".
-"""
+the map size, NaN for "no component"."""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 
 @numba.njit(nogil=True, cache=True)
@@ -63,38 +65,73 @@ def _box(out_row, bounds, root: int, height: int, width: int) -> None:
     out_row[3] = (bounds[root, 3] + 1) / width
 
 
+_ALL_BITS = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
 @numba.njit(nogil=True, cache=True)
-def _component_box(values, threshold, parent, area, bounds, extent, out_row) -> None:
-    """Box of the largest component of ``values >= threshold * max(values)`` into
-    ``out_row`` (left as is where the maximum is not positive). Labels runs of kept pixels
-    along rows rather than pixels: a run joins the runs of the row above that it overlaps
-    or touches diagonally. parent, area, bounds, extent: scratch for every run a map can have."""
+def _row_bits(row, cut, words) -> None:
+    """Bit j of ``words[j // 64]`` set where ``row[j] >= cut`` (a vectorized compare, where
+    scanning pixel by pixel for runs branches on every one)."""
+    width = len(row)
+    for w in range(len(words)):
+        base = w * 64
+        word = np.uint64(0)
+        for j in range(min(64, width - base)):
+            word |= np.uint64(row[base + j] >= cut) << np.uint64(j)
+        words[w] = word
+
+
+@numba.njit(nogil=True, cache=True)
+def _run_from(words, pos: int) -> tuple[int, int]:
+    """(first, stop) bit of the first run of set bits at or after bit ``pos`` of ``words``;
+    (-1, -1) if there is none."""
+    n = len(words)
+    w = pos >> 6
+    if w >= n:
+        return -1, -1
+    bits = words[w] & (_ALL_BITS << np.uint64(pos & 63))
+    while bits == 0:
+        w += 1
+        if w == n:
+            return -1, -1
+        bits = words[w]
+    first = w * 64 + trailing_zeros(bits)
+    clear = ~words[w] & (_ALL_BITS << np.uint64(first & 63))
+    while clear == 0:
+        w += 1
+        if w == n:
+            return first, n * 64
+        clear = ~words[w]
+    return first, w * 64 + trailing_zeros(clear)
+
+
+@numba.njit(nogil=True, cache=True)
+def _component_box(values, cut, scratch, out_row) -> None:
+    """Box of the largest component of ``values >= cut`` into ``out_row`` (left as is where
+    no value reaches ``cut``). Labels runs of kept pixels along rows rather than pixels: a
+    run joins the runs of the row above that it overlaps or touches diagonally. scratch:
+    ``_run_scratch`` for the map's size."""
+    parent, area, bounds, extent, words = scratch
     height, width = values.shape
-    peak = values.max()
-    if not peak > 0:
-        return
-    cut = threshold * peak
     runs, above_first, above_stop = 0, 0, 0  # runs so far; the row above's runs
     for r in range(height):
         row_first = runs
-        c = 0
-        while c < width:
-            if not values[r, c] >= cut:
-                c += 1
-                continue
-            first = c
-            while c < width and values[r, c] >= cut:
-                c += 1
+        _row_bits(values[r], cut, words)
+        first, stop = _run_from(words, 0)
+        while first >= 0:
             run = runs
             runs += 1
-            parent[run], area[run] = run, c - first
-            bounds[run, 0], bounds[run, 1], bounds[run, 2], bounds[run, 3] = r, first, r, c - 1
-            extent[run, 0], extent[run, 1] = first, c - 1
+            parent[run], area[run] = run, stop - first
+            bounds[run, 0], bounds[run, 1], bounds[run, 2], bounds[run, 3] = r, first, r, stop - 1
+            extent[run, 0], extent[run, 1] = first, stop - 1
             root = run
             for above in range(above_first, above_stop):
-                if extent[above, 0] <= c and extent[above, 1] >= first - 1:
+                if extent[above, 0] <= stop and extent[above, 1] >= first - 1:
                     root = _union(parent, area, bounds, root, above)
+            first, stop = _run_from(words, stop)
         above_first, above_stop = row_first, runs
+    if runs == 0:
+        return
     best = -1  # runs are numbered in raster order: ties go to the earlier root
     for run in range(runs):
         if parent[run] == run and (best < 0 or area[run] > area[best]):
@@ -104,10 +141,11 @@ def _component_box(values, threshold, parent, area, bounds, extent, out_row) -> 
 
 @numba.njit(nogil=True, cache=True)
 def _run_scratch(height: int, width: int):
-    """(parent, area, bounds, extent) for ``_component_box`` on (height, width) maps."""
-    most = height * ((width + 1) // 2)  # runs a map can have
+    """(parent, area, bounds, extent, words) for ``_component_box`` on (height, width) maps:
+    room for every run a map can have, and one row's bits."""
+    most = height * ((width + 1) // 2)
     return (np.empty(most, np.int64), np.empty(most, np.int64), np.empty((most, 4), np.int64),
-            np.empty((most, 2), np.int64))
+            np.empty((most, 2), np.int64), np.empty((width + 63) // 64, np.uint64))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -162,21 +200,40 @@ def sweep_component_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndar
 
 
 @numba.njit(nogil=True, cache=True)
-def _peak_and_mass(values, inside) -> tuple[int, float, float]:
-    """(flat index of the maximum, the first in row-major order; sum of the positive
-    values; that sum over the ``inside`` pixels) of one (H, W) map."""
-    height, width = values.shape
-    best, best_index, mass, mass_inside = values[0, 0], 0, 0.0, 0.0
-    for r in range(height):
-        for c in range(width):
-            v = values[r, c]
-            if v > best:
-                best, best_index = v, r * width + c
-            if v > 0:
-                mass += v
-                if inside[r, c]:
-                    mass_inside += v
-    return best_index, mass, mass_inside
+def _order_key(bits):
+    """A float32's bits (as int32) mapped to an int32 that orders as the float does, with
+    -0.0 and 0.0 equal. Integer max and min reductions vectorize; numba's float ones do not."""
+    sign = bits >> np.int32(31)
+    return np.int32((bits ^ (sign & np.int32(0x7FFFFFFF))) - sign)
+
+
+@numba.njit(nogil=True, cache=True)
+def _argmax(values) -> int:
+    """Index of the maximum of contiguous (n,) float32 values, the first if it repeats.
+    Two vectorized passes, the largest key then the smallest index holding it, rather than
+    one branchy pass: 0.5 against 2.3 us for 4096 values."""
+    bits = values.view(np.int32)
+    n = len(bits)
+    top = np.int32(-(2**31))
+    for i in range(n):
+        top = max(top, _order_key(bits[i]))
+    first = np.int32(n)
+    for i in range(n):
+        first = min(first, np.int32(i) if _order_key(bits[i]) == top else first)
+    return first
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _positive_mass(values, inside) -> tuple[float, float]:
+    """(sum of the positive values; that sum over the ``inside`` ones) of contiguous (n,)
+    float32 values, in float64. Reassociation lets the sums vectorize (their order of
+    addition, not their precision, differs from a sequential sum)."""
+    mass, mass_inside = 0.0, 0.0
+    for i in range(len(values)):
+        positive = max(values[i], np.float32(0.0))
+        mass += positive
+        mass_inside += positive if inside[i] else 0.0
+    return mass, mass_inside
 
 
 @numba.njit(nogil=True, cache=True)
@@ -209,12 +266,14 @@ def upsample_maps(maps, rows, cols):
 
 @numba.njit(nogil=True, cache=True)
 def localize_upsampled(maps, rows, cols, threshold, inside):
-    """The largest-component box (``_component_box``) and the peak and mass
-    (``_peak_and_mass``) of every map upsampled by ``upsample_bilinear``, one map at a time
-    in a small buffer (the upsampled maps, 16x the input's size, never go through memory).
+    """The peak (``_argmax``), the positive mass (``_positive_mass``) and the box of the
+    largest component >= ``threshold`` times a positive peak (``_component_box``) of every
+    map upsampled by ``upsample_bilinear``, one map at a time in a small buffer (the
+    upsampled maps, 16x the input's size, never go through memory).
 
     maps: (N, P, h, w) float32; rows, cols: ``resize_weights`` to (H, W); inside: (N, H, W)
-    bool. Returns boxes (N, P, 4) float32, peak (N, P) int64, total and within (N, P) float64.
+    bool. Returns boxes (N, P, 4) float32, peak (N, P) int64 flat index, total and within
+    (N, P) float64.
     """
     n_images, per_image = maps.shape[:2]
     height, width = len(rows[0]), len(cols[0])
@@ -223,10 +282,14 @@ def localize_upsampled(maps, rows, cols, threshold, inside):
     total = np.zeros((n_images, per_image))
     within = np.zeros((n_images, per_image))
     up = np.empty((height, width), np.float32)
-    parent, area, bounds, extent = _run_scratch(height, width)
+    flat = up.ravel()
+    scratch = _run_scratch(height, width)
     for i in range(n_images):
+        inside_flat = inside[i].ravel()
         for m in range(per_image):
             upsample_bilinear(maps[i, m], rows, cols, up)
-            peak[i, m], total[i, m], within[i, m] = _peak_and_mass(up, inside[i])
-            _component_box(up, threshold, parent, area, bounds, extent, boxes[i, m])
+            peak[i, m] = top = _argmax(flat)
+            total[i, m], within[i, m] = _positive_mass(flat, inside_flat)
+            if flat[top] > 0:
+                _component_box(up, threshold * flat[top], scratch, boxes[i, m])
     return boxes, peak, total, within
