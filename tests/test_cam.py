@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from transforms.cam import class_activation_maps, grid_centres
+from transforms.cam import class_activation_maps, grid_centres, step_class_activation_maps
 
 
 def test_cam_equals_weighted_sum_of_channels():
@@ -18,6 +18,8 @@ def test_cam_equals_weighted_sum_of_channels():
     np.testing.assert_allclose(cams, expected, rtol=1e-5, atol=1e-5)
     # The spatial mean of the CAM is the Dense layer applied to the pooled features.
     np.testing.assert_allclose(cams.mean((-2, -1)), features.mean((2, 3)) @ weights, rtol=1e-4, atol=1e-5)
+    # Per-step CAMs in the store's order (class before step) are the same maps.
+    np.testing.assert_allclose(step_class_activation_maps(features, weights), np.swapaxes(cams, 1, 2), rtol=1e-6)
 
 
 def test_grid_centres_in_input_pixels():

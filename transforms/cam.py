@@ -9,11 +9,23 @@ def class_activation_maps(features: np.ndarray, weights: np.ndarray) -> np.ndarr
     """CAM for every class: ``cam[..., k, y, x] = sum_c features[..., y, x, c] * W[c, k]``.
 
     features: (..., H, W, C) feature maps; weights: (C, K) Dense weights after the GAP.
-    Returns (..., K, H, W) float32: raw, signed, no bias, not normalized. Its spatial mean
-    plus the Dense bias is the logit.
+    Returns (..., K, H, W) float32, contiguous: raw, signed, no bias, not normalized. Its
+    spatial mean plus the Dense bias is the logit. One matmul per map (K x C by C x HW),
+    which writes the class-major layout directly instead of transposing (..., H, W, K).
     """
-    cams = np.einsum("...yxc,ck->...kyx", features, weights, optimize=True)
-    return cams.astype(np.float32, copy=False)
+    lead, (height, width, channels) = features.shape[:-3], features.shape[-3:]
+    flat = features.reshape((-1, height * width, channels))
+    cams = np.matmul(weights.T, flat.transpose(0, 2, 1))
+    return cams.reshape(lead + (weights.shape[1], height, width)).astype(np.float32, copy=False)
+
+
+def step_class_activation_maps(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """CAMs of per-step features (N, T, H, W, C) in the store's order, class before step:
+    (N, K, T, H, W) float32, contiguous. The steps of an image are one map stacked along y,
+    so this is one matmul per image."""
+    n, steps, height, width, channels = features.shape
+    stacked = class_activation_maps(features.reshape(n, steps * height, width, channels), weights)
+    return stacked.reshape(n, weights.shape[1], steps, height, width)
 
 
 def grid_centres(input_size: int, grid_size: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
 from transforms.background import METRICS_NAMESPACE, Unfinished, timed
-from transforms.cam import class_activation_maps
+from transforms.cam import class_activation_maps, step_class_activation_maps
 from transforms.fast_engine import FastSpikingNetwork
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.nengo_shim import tf
@@ -192,8 +192,7 @@ class ComputeCamChunk(beam.DoFn):
         features, logits, rates, reference_features, reference_logits = outputs
         weights = self._head.weights
         with timed("cam_ms", timings):
-            # (n, T, K, h, w) -> (n, K, T, h, w)
-            cam = np.moveaxis(class_activation_maps(features, weights), 2, 1)
+            cam = step_class_activation_maps(features, weights)
             cam_reference = class_activation_maps(reference_features, weights)
         arrays["cam"][rows] = cam
         arrays["logits"][rows] = logits
