@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from pipeline.sample import SAMPLE_MODEL
+from tests.map_helpers import pearson
 from transforms.cam import class_activation_maps
 from transforms.fast_engine import FastSpikingNetwork, effective_settings, plan
-from transforms.localization import pearson
 from transforms.model_head import find_cam_head, load_keras_model
 from transforms.nengo_shim import tf_keras
 from transforms.spiking import SpikingNetwork, SpikingSettings, convert

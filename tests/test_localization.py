@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.map_helpers import boxes_of, peaks_of
-from transforms.localization import best_iou, iou, localize, pearson, upsample
+from transforms.localization import best_iou, iou, localize, upsample
 
 NAN_BOX = [np.nan] * 4
 
@@ -96,13 +96,6 @@ def test_localize_equals_localizing_the_upsampled_maps():
         np.testing.assert_array_equal(got[name], value)
     assert np.isnan(got["box"][0, 0]).all() and np.isnan(got["box"][1, 1]).all()
     assert not np.isnan(got["box"][2]).any()
-
-
-def test_pearson_of_a_map_with_itself_and_a_constant():
-    a = np.random.default_rng(1).normal(size=(3, 4, 4))
-    np.testing.assert_allclose(pearson(a, a), 1.0)
-    np.testing.assert_allclose(pearson(a, -2 * a + 1), -1.0)
-    assert np.isnan(pearson(a, np.ones((3, 4, 4)))).all()
 
 
 coordinate = st.floats(0, 1, allow_nan=False)

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from tests.map_helpers import boxes_of, peaks_of
+from tests.map_helpers import boxes_of, peaks_of, pearson
 from transforms.localization import in_boxes_mask, sweep_boxes
-from transforms.map_kernels import _argmax
+from transforms.map_kernels import _argmax, step_correlations
 from transforms.statistics import sweep_thresholds
 
 
@@ -139,3 +139,19 @@ def test_argmax_equals_numpy(n, seed):
     rng = np.random.default_rng(seed)
     values = levels[rng.integers(0, len(levels) - int(rng.integers(0, 5)), size=n)]
     assert _argmax(values) == np.argmax(values)
+
+
+def test_step_correlations_equal_numpy():
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(2, 3, 5, 4, 6)).astype(np.float32)  # (N, K, T, h, w)
+    reference = rng.normal(size=(2, 3, 4, 6)).astype(np.float32)
+    maps[0, 1, 2] = 7.0  # a constant map: its correlations are undefined
+    reference[1, 2] = -1.0  # a constant reference: every step's correlation with it is
+    maps[1, 0, -1] = 0.0  # a constant last step: every step's correlation with it is
+    with_reference, with_last = step_correlations(maps.reshape(2, 3, 5, -1), reference.reshape(2, 3, -1))
+    as64 = maps.astype(np.float64)
+    np.testing.assert_allclose(with_reference, pearson(as64, reference[:, :, None].astype(np.float64)), rtol=1e-9)
+    np.testing.assert_allclose(with_last, pearson(as64, as64[:, :, -1:]), rtol=1e-9)
+    assert np.isnan(with_reference[0, 1, 2]) and np.isnan(with_reference[1, 2]).all()
+    assert np.isnan(with_last[1, 0]).all() and np.isnan(with_last[0, 1, 2])
+    assert np.isfinite(with_reference).sum() == 30 - 7 and np.isfinite(with_last).sum() == 30 - 6

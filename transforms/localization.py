@@ -128,12 +128,3 @@ def in_boxes_mask(truth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         )
     return inside.any(axis=1)
 
-
-def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson correlation of broadcastable (..., H, W) maps over H, W; NaN if either is constant."""
-    a = a - a.mean(axis=(-2, -1), keepdims=True)
-    b = b - b.mean(axis=(-2, -1), keepdims=True)
-    numerator = (a * b).sum(axis=(-2, -1))
-    denominator = np.sqrt((a * a).sum(axis=(-2, -1)) * (b * b).sum(axis=(-2, -1)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, numerator / denominator, np.nan)

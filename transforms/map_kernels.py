@@ -1,4 +1,4 @@
-"""Per-map kernels of the localization statistics, compiled with numba.
+"""Per-map kernels of the statistics (localization and correlation), compiled with numba.
 
 The statistics look at ~500 upsampled 64x64 maps per image (every class and step, plus a
 100-threshold sweep). Boxing the largest blob with ``scipy.ndimage.label`` and numpy box
@@ -293,3 +293,52 @@ def localize_upsampled(maps, rows, cols, threshold, inside):
             if flat[top] > 0:
                 _component_box(up, threshold * flat[top], scratch, boxes[i, m])
     return boxes, peak, total, within
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _centred(values, out) -> float:
+    """``out = values - mean(values)`` in float64; returns the sum of squares of ``out``."""
+    mean = 0.0
+    for i in range(len(values)):
+        mean += values[i]
+    mean /= len(values)
+    squares = 0.0
+    for i in range(len(values)):
+        out[i] = values[i] - mean
+        squares += out[i] * out[i]
+    return squares
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _correlation(a, squares_a: float, b, squares_b: float) -> float:
+    """Pearson correlation of two ``_centred`` maps; NaN if either is constant."""
+    if squares_a == 0 or squares_b == 0:
+        return np.nan
+    products = 0.0
+    for i in range(len(a)):
+        products += a[i] * b[i]
+    return products / np.sqrt(squares_a * squares_b)
+
+
+@numba.njit(nogil=True, cache=True)
+def step_correlations(maps, reference):
+    """Pearson correlation over pixels of each step's map with the reference map and with
+    the last step's map, one map at a time (numpy's broadcasting made ~8 passes over all
+    maps with temporaries: 0.4 ms per image).
+
+    maps: (N, K, T, P) float32; reference: (N, K, P). Returns (with the reference, with
+    the last step): (N, K, T) float64 each, NaN where either map is constant.
+    """
+    n, classes, steps, pixels = maps.shape
+    with_reference = np.empty((n, classes, steps))
+    with_last = np.empty((n, classes, steps))
+    centred_reference, centred_last, centred = np.empty(pixels), np.empty(pixels), np.empty(pixels)
+    for i in range(n):
+        for k in range(classes):
+            squares_reference = _centred(reference[i, k], centred_reference)
+            squares_last = _centred(maps[i, k, steps - 1], centred_last)
+            for t in range(steps):
+                squares = _centred(maps[i, k, t], centred)
+                with_reference[i, k, t] = _correlation(centred, squares, centred_reference, squares_reference)
+                with_last[i, k, t] = _correlation(centred, squares, centred_last, squares_last)
+    return with_reference, with_last

@@ -13,13 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from transforms.localization import (
-    best_iou,
-    localize,
-    pearson,
-    sweep_boxes,
-    upsample,
-)
+from transforms.localization import best_iou, localize, sweep_boxes, upsample
+from transforms.map_kernels import step_correlations
 
 IOU_LOCALIZED = 0.5
 TOP_K = 5
@@ -107,8 +102,11 @@ def image_statistics(
     reference = _localization(cam_reference, boxes, settings)
     out = {f"cam_{name}": value for name, value in spiking.items()}
     out |= {f"cam_{name}_reference": value for name, value in reference.items()}
-    out["cam_corr_reference"] = pearson(cam, cam_reference[:, :, None]).astype(np.float32)
-    out["cam_corr_last"] = pearson(cam, cam[:, :, -1:]).astype(np.float32)
+    with_reference, with_last = step_correlations(
+        np.ascontiguousarray(cam, np.float32).reshape(n, k, steps, -1),
+        np.ascontiguousarray(cam_reference, np.float32).reshape(n, k, -1))
+    out["cam_corr_reference"] = with_reference.astype(np.float32)
+    out["cam_corr_last"] = with_last.astype(np.float32)
 
     predicted = logits.argmax(axis=-1)  # (N, T)
     predicted_reference = logits_reference.argmax(axis=-1)
