@@ -1,4 +1,5 @@
-"""Per-image localization and temporal statistics of CAMs (pure numpy).
+"""Per-image localization and temporal statistics of CAMs (pure functions; the per-map
+work is in ``transforms.map_kernels``).
 
 Every value is a function of one image's stored ``cam``, ``cam_reference``, ``logits``,
 ``logits_reference``, ``label`` and ``boxes``, so results do not depend on batch size,
