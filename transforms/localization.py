@@ -72,13 +72,15 @@ def localize(cams: np.ndarray, size: tuple[int, int], threshold: float, truth: n
 def sweep_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Box of the largest 8-connected blob of ``values >= t`` for each threshold t.
 
-    values: (H, W); thresholds: (S,) ascending. Returns (S, 4) normalized boxes, NaN where
-    no pixel reaches t. Ties as in ``localize``.
+    values: (..., H, W); thresholds: (S,) ascending. Returns (..., S, 4) normalized boxes,
+    NaN where no pixel reaches t. Ties as in ``localize``.
     """
     thresholds = np.asarray(thresholds, np.float64)
     if np.any(np.diff(thresholds) < 0):
         raise ValueError("sweep thresholds must be ascending")
-    return sweep_component_boxes(np.ascontiguousarray(values, np.float32), thresholds)
+    lead, (height, width) = values.shape[:-2], values.shape[-2:]
+    maps = np.ascontiguousarray(values, np.float32).reshape((-1, height, width))
+    return sweep_component_boxes(maps, thresholds).reshape(lead + (len(thresholds), 4))
 
 
 def box_area(boxes: np.ndarray) -> np.ndarray:

@@ -149,13 +149,9 @@ def _run_scratch(height: int, width: int):
 
 
 @numba.njit(nogil=True, cache=True)
-def sweep_component_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Box of the largest component of ``values >= t`` for every t in ``thresholds``.
-
-    One pass: pixels join as the threshold falls and components only merge, so the
-    largest one is maintained incrementally. values: (H, W) float32; thresholds: (S,)
-    float64, ascending. Returns (S, 4) float32, NaN where no pixel reaches t.
-    """
+def _sweep(values, thresholds, parent, area, bounds, out) -> None:
+    """``sweep_component_boxes`` of one (H, W) map into ``out`` (S, 4), NaN-filled.
+    parent, area, bounds: scratch for every pixel."""
     height, width = values.shape
     n_thresholds = len(thresholds)
     flat = values.ravel()
@@ -172,10 +168,7 @@ def sweep_component_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndar
         if level[i] >= 0:
             order[filled[level[i]]] = i
             filled[level[i]] += 1
-    parent = np.full(height * width, -1, np.int64)
-    area = np.zeros(height * width, np.int64)
-    bounds = np.zeros((height * width, 4), np.int64)
-    out = np.full((n_thresholds, 4), np.nan, np.float32)
+    parent[:] = -1
     best = -1
     for s in range(n_thresholds - 1, -1, -1):
         for k in range(starts[s], starts[s + 1]):
@@ -196,6 +189,23 @@ def sweep_component_boxes(values: np.ndarray, thresholds: np.ndarray) -> np.ndar
                     best = root
         if best >= 0:
             _box(out[s], bounds, _find(parent, best), height, width)
+
+
+@numba.njit(nogil=True, cache=True)
+def sweep_component_boxes(maps: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Box of the largest component of ``map >= t`` for every t in ``thresholds``, map by map.
+
+    One pass per map: pixels join as the threshold falls and components only merge, so
+    the largest one is maintained incrementally. maps: (M, H, W) float32; thresholds: (S,)
+    float64, ascending. Returns (M, S, 4) float32, NaN where no pixel reaches t.
+    """
+    n_maps, height, width = maps.shape
+    parent = np.empty(height * width, np.int64)
+    area = np.empty(height * width, np.int64)
+    bounds = np.empty((height * width, 4), np.int64)
+    out = np.full((n_maps, len(thresholds), 4), np.nan, np.float32)
+    for m in range(n_maps):
+        _sweep(maps[m], thresholds, parent, area, bounds, out[m])
     return out
 
 

@@ -62,15 +62,12 @@ def max_box_hits(maps: np.ndarray, truth: np.ndarray, settings: StatisticsSettin
     upsampled and min-max normalized to [0, 1] (as in wsolevaluation), then boxed (largest
     component) at every threshold. Returns (N, n_thresholds), NaN for images without boxes.
     """
-    hits = np.empty((len(maps), len(settings.thresholds)), np.float32)
-    for i in range(len(maps)):
-        up = upsample(maps[i], settings.size)
-        low, span = up.min(), up.max() - up.min()
-        normalized = (up - low) / span if span > 0 else np.zeros_like(up)
-        boxes = sweep_boxes(normalized, settings.thresholds)
-        iou = best_iou(boxes[None], truth[i : i + 1])[0]
-        hits[i] = _flag(iou >= IOU_LOCALIZED, ~np.isnan(iou))
-    return hits
+    up = upsample(maps, settings.size)
+    low = up.min(axis=(1, 2), keepdims=True)
+    span = up.max(axis=(1, 2), keepdims=True) - low
+    normalized = np.where(span > 0, (up - low) / np.where(span > 0, span, 1), 0).astype(np.float32)
+    iou = best_iou(sweep_boxes(normalized, settings.thresholds), truth)
+    return _flag(iou >= IOU_LOCALIZED, ~np.isnan(iou))
 
 
 def settled_step(ok: np.ndarray) -> np.ndarray:
