@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "protobuf<7",
     "scipy>=1.11",
     "numba>=0.61",  # the connected-component kernels (transforms.map_kernels.py)
+    "threadpoolctl>=3",  # one BLAS thread per worker (transforms.cam_chunks.py)
     "tensorflow-datasets==4.9.10",
     "importlib_resources",  # tensorflow-datasets imports it without declaring it
 ]

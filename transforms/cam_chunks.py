@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
+from threadpoolctl import threadpool_limits
 
 from transforms.background import METRICS_NAMESPACE, Unfinished, timed
 from transforms.cam import class_activation_maps, step_class_activation_maps
@@ -92,6 +93,9 @@ class Networks:
 
     def __init__(self, job: ChunkJob):
         limit_threads(job.threads_per_worker)
+        # The CAM matmuls run beside the engine; BLAS threads of their own would only
+        # contend with it for the cores (measured: cam_ms halves with one).
+        threadpool_limits(1, user_api="blas")
         model = load_keras_model(job.model_path)
         self.head: CamHead = find_cam_head(model, job.model_path)
         threads = job.threads_per_worker or available_cores()
