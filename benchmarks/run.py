@@ -6,7 +6,8 @@ Measures, side by side on this machine: the Keras forward pass and the strict bo
 same model as a compiled function at batch images x steps, divided by steps);
 ``nengo_dl.Simulator`` batched and one image at a time; the fast engine alone; the whole
 pipeline end to end (FnApiRunner: 1 worker, 1 worker with one TensorFlow thread, 1 worker
-confined to one core, 2 worker processes) with where its time goes;
+confined to one core, 2 worker processes) with where its time goes, the engine alone and
+the steady-state pipelines side by side in three rounds;
 peak memory of a worker for the dataset at 1x and 4x its size. Prints a table of ratios
 and writes it to ``docs/benchmarks.md``.
 """
@@ -33,6 +34,7 @@ from transforms.nengo_shim import tf
 from transforms.spiking import SpikingNetwork, SpikingSettings
 
 BATCH = 16
+ROUNDS = 3
 
 
 def sample_canvases() -> Canvases:
@@ -128,10 +130,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"keras forward {forward:.1f}/s, bound {bound:.1f}/s", flush=True)
 
     settings = SpikingSettings(n_steps=steps, batch_size=BATCH)
-    fast = FastSpikingNetwork(model, head, settings)
-    fast_rate = rate(n, best_of(3, lambda: fast.run(x)))
-    fast.close()
-    print(f"fast engine {fast_rate:.1f}/s", flush=True)
     nengo = SpikingNetwork(model, head, settings)
     nengo_rate = rate(args.nengo_images, best_of(1, lambda: nengo.run(x[: args.nengo_images])))
     nengo.close()
@@ -141,11 +139,22 @@ def main(argv: list[str] | None = None) -> None:
     single.close()
     print(f"nengo_dl one image at a time {single_rate:.2f}/s", flush=True)
 
+    fast = FastSpikingNetwork(model, head, settings)
+    fast.run(x)  # warm-up
+
+    def engine_rate() -> float:
+        """The engine alone, sustained over as many images as a steady-state pipeline run."""
+        start = time.perf_counter()
+        for _ in range(4):
+            fast.run(x)
+        return rate(4 * n, time.perf_counter() - start)
+
     two_workers = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    # (name, pipeline arguments, cores, data sizes): 1x for end to end and memory, 4x for steady state.
-    configurations = (("1w", [], None, (1, 4)), ("1w1t", ["--worker-threads=1"], None, (4,)), ("1c", [], 1, (4,)),
-                      ("2w", two_workers, None, (1, 4)))
-    runs = {}
+    # (name, pipeline arguments, cores, data size): 1x for end to end and memory, 4x for steady state.
+    single_runs = (("1w", [], None, 1), ("2w", two_workers, None, 1), ("1w1t", ["--worker-threads=1"], None, 4),
+                   ("1c", [], 1, 4))
+    paired = (("1w", [], None, 4), ("2w", two_workers, None, 4))
+    runs, rounds = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for copies in (1, 4):
@@ -153,25 +162,47 @@ def main(argv: list[str] | None = None) -> None:
             folder.mkdir()
             for i in range(copies):
                 write_plain_tfrecord(folder / f"part-{i}.tfrecord", canvases)
-        for config, extra, cores, sizes in configurations:
-            for copies in sizes:
-                name = f"{config}_x{copies}"
-                runs[name] = pipeline_run(["--input", str(workdir / f"x{copies}" / "*.tfrecord")], extra,
-                                          workdir, name, cores)
-                print(f"pipeline {config}, {copies * n} images: {runs[name]['wall_s']:.1f} s", flush=True)
 
-    one, one4, two, two4 = runs["1w_x1"], runs["1w_x4"], runs["2w_x1"], runs["2w_x4"]
-    end_to_end, end_to_end_2 = n / one["wall_s"], n / two["wall_s"]
+        def pipeline(config: str, extra: list[str], cores: int | None, copies: int) -> dict:
+            name = f"{config}_x{copies}"
+            run = pipeline_run(["--input", str(workdir / f"x{copies}" / "*.tfrecord")], extra, workdir, name, cores)
+            print(f"pipeline {config}, {copies * n} images: {run['wall_s']:.1f} s", flush=True)
+            return run
 
-    def steady_rate(config: str) -> float:
+        for config, extra, cores, copies in single_runs:
+            runs[f"{config}_x{copies}"] = pipeline(config, extra, cores, copies)
+        # The engine alone and the pipeline side by side, ROUNDS times: this machine's speed
+        # drifts by ~10% over minutes, so each share compares runs made a minute apart.
+        for _ in range(ROUNDS):
+            engine = engine_rate()
+            print(f"fast engine {engine:.1f}/s", flush=True)
+            rounds.append({"engine": engine} | {config: pipeline(config, *more) for config, *more in paired})
+    fast.close()
+
+    def steady_rate(run: dict) -> float:
         """Images per second from the first chunk written to the last, 4x the data: the
         images of every chunk but the first over that time (start-up excluded)."""
-        run = runs[f"{config}_x4"]
         span_s = (run["chunk_written_at_ms_max"] - run["chunk_written_at_ms_min"]) / 1000
         return (4 * n - run["images_per_chunk"]) / span_s
 
-    steady, steady_1t, steady_1c, steady_2 = (steady_rate(c) for c in ("1w", "1w1t", "1c", "2w"))
-    overhead = 1 - steady / fast_rate  # the share of the pipeline's time beyond the engine alone
+    for r in rounds:
+        r["steady_1w"], r["steady_2w"] = steady_rate(r["1w"]), steady_rate(r["2w"])
+        r["share_1w"], r["share_2w"] = 1 - r["steady_1w"] / r["engine"], 1 - r["steady_2w"] / r["engine"]
+
+    def median(key: str) -> float:
+        return float(np.median([r[key] for r in rounds]))
+
+    def each(key: str) -> str:
+        return ", ".join(f"{r[key]:.0%}" for r in rounds)
+
+    fast_rate, steady, steady_2 = median("engine"), median("steady_1w"), median("steady_2w")
+    overhead, overhead_2 = median("share_1w"), median("share_2w")
+    steady_1t, steady_1c = steady_rate(runs["1w1t_x4"]), steady_rate(runs["1c_x4"])
+    one, two = runs["1w_x1"], runs["2w_x1"]
+    one4 = sorted((r["1w"] for r in rounds), key=steady_rate)[len(rounds) // 2]  # the median run
+    two4_rss = max(r["2w"]["children_max_rss_mb"] for r in rounds)
+    one4_rss = max(r["1w"]["self_max_rss_mb"] for r in rounds)
+    end_to_end, end_to_end_2 = n / one["wall_s"], n / two["wall_s"]
     rows = [
         ("measurement", "images/s", "x bound", "x nengo_dl batched"),
         ("Keras forward pass (batch 64, one pass per image)", f"{forward:.1f}", f"{forward / bound:.1f}", ""),
@@ -180,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"nengo_dl.Simulator, minibatch {BATCH}", f"{nengo_rate:.2f}", f"{nengo_rate / bound:.3f}", "1.0"),
         ("nengo_dl.Simulator, one image at a time", f"{single_rate:.2f}", f"{single_rate / bound:.3f}",
          f"{single_rate / nengo_rate:.2f}"),
-        (f"fast engine alone, batch {BATCH}", f"{fast_rate:.1f}", f"{fast_rate / bound:.2f}",
+        (f"fast engine alone, batch {BATCH}, {4 * n} images", f"{fast_rate:.1f}", f"{fast_rate / bound:.2f}",
          f"{fast_rate / nengo_rate:.1f}"),
         *(
             (label, f"{value:.1f}", f"{value / bound:.2f}", f"{value / nengo_rate:.1f}")
@@ -204,22 +235,25 @@ def main(argv: list[str] | None = None) -> None:
     ]
     memory = [
         ("peak memory of a worker", "1x data (MB)", "4x data (MB)", "4x / 1x"),
-        ("1 worker (in the launcher's process)", f"{one['self_max_rss_mb']:.0f}", f"{one4['self_max_rss_mb']:.0f}",
-         f"{one4['self_max_rss_mb'] / one['self_max_rss_mb']:.3f}"),
-        ("2 worker processes: the largest", f"{two['children_max_rss_mb']:.0f}", f"{two4['children_max_rss_mb']:.0f}",
-         f"{two4['children_max_rss_mb'] / two['children_max_rss_mb']:.3f}"),
+        ("1 worker (in the launcher's process)", f"{one['self_max_rss_mb']:.0f}", f"{one4_rss:.0f}",
+         f"{one4_rss / one['self_max_rss_mb']:.3f}"),
+        ("2 worker processes: the largest", f"{two['children_max_rss_mb']:.0f}", f"{two4_rss:.0f}",
+         f"{two4_rss / two['children_max_rss_mb']:.3f}"),
     ]
     report = "\n".join([
         "# Benchmarks",
         "",
         f"`python -m benchmarks.run` (`make benchmark`) on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; the shipped model and sample, {steps} steps, spiking ReLU defaults. "
-        "All figures from one run; ratios are what to compare across machines.",
+        "All figures from one run; ratios are what to compare across machines. The engine alone and the "
+        f"steady-state pipelines ran side by side {ROUNDS} times (this machine's speed drifts by ~10% over "
+        "minutes): their rows and shares are medians, each share comparing runs a minute apart.",
         "",
         table(rows),
         "",
         f"Steady state, everything but the engine (Beam, Keras reference, CAMs, statistics, zarr "
-        f"writes): {overhead:.0%} of the pipeline's time (1 - pipeline / engine alone).",
+        f"writes): {overhead:.0%} of the pipeline's time with 1 worker, {overhead_2:.0%} with 2 "
+        f"(1 - pipeline / engine alone; each round: {each('share_1w')} and {each('share_2w')}).",
         "",
         f"2 worker processes vs 1: {steady_2 / steady:.2f}x in steady state "
         f"({one['wall_s'] / two['wall_s']:.2f}x end to end on {n} images, start-up included); "
