@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import apache_beam as beam
 import xarray as xr
 import xarray_beam as xbeam
+import zarr
 from apache_beam.metrics import Metrics
 
 from transforms.background import METRICS_NAMESPACE, Unfinished, timed
-from transforms.store import StoreLayout, write_chunk
+from transforms.store import StoreLayout, open_chunk_arrays, write_chunk
 
 _writer: ThreadPoolExecutor | None = None
 _writer_lock = threading.Lock()
@@ -31,11 +32,12 @@ def writer() -> ThreadPoolExecutor:
         return _writer
 
 
-def _write(key: xbeam.Key, chunk: xr.Dataset, store: str, layout: StoreLayout) -> tuple[tuple, dict[str, int]]:
+def _write(key: xbeam.Key, chunk: xr.Dataset, arrays: dict[str, zarr.Array],
+           layout: StoreLayout) -> tuple[tuple, dict[str, int]]:
     """((the chunk's first image index, when it was written: ms since the epoch), timings)."""
     timings: dict[str, int] = {}
     with timed("write_ms", timings):
-        start = write_chunk(key, chunk, store, layout)
+        start = write_chunk(key, chunk, arrays, layout)
     return (start, int(time.time() * 1000)), timings
 
 
@@ -59,12 +61,15 @@ class WriteChunks(beam.DoFn):
         self._store = store
         self._layout = layout
 
+    def setup(self) -> None:
+        self._arrays = open_chunk_arrays(self._store)
+
     def start_bundle(self) -> None:
         self._unfinished = Unfinished(self.MAX_UNFINISHED)
 
     def process(self, keyed: tuple[xbeam.Key, xr.Dataset],
                 timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
-        future = writer().submit(_write, *keyed, self._store, self._layout)
+        future = writer().submit(_write, *keyed, self._arrays, self._layout)
         for output in self._unfinished.add(future, timestamp, window):
             yield _written(output)
 
