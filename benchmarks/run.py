@@ -142,11 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     fast = FastSpikingNetwork(model, head, settings)
     fast.run(x)  # warm-up
 
-    def engine_rate() -> float:
-        """The engine alone, sustained over as many images as a steady-state pipeline run."""
+    def engine_rate(chunk: int) -> float:
+        """The engine alone, sustained over as many images as a steady-state pipeline run,
+        in calls of one store chunk each, as the pipeline calls it."""
         start = time.perf_counter()
         for _ in range(4):
-            fast.run(x)
+            for first in range(0, n, chunk):
+                fast.run(x[first : first + chunk])
         return rate(4 * n, time.perf_counter() - start)
 
     two_workers = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         # The engine alone and the pipeline side by side, ROUNDS times: this machine's speed
         # drifts by ~10% over minutes, so each share compares runs made a minute apart.
         for _ in range(ROUNDS):
-            engine = engine_rate()
+            engine = engine_rate(runs["1w_x1"]["images_per_chunk"])
             print(f"fast engine {engine:.1f}/s", flush=True)
             rounds.append({"engine": engine} | {config: pipeline(config, *more) for config, *more in paired})
     fast.close()
