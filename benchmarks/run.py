@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"pipeline {config}, {copies * n} images: {run['wall_s']:.1f} s", flush=True)
             return run
 
+        pipeline("warm-up", [], None, 1)  # compiles the numba kernels into their cache, as any first run would
         for config, extra, cores, copies in single_runs:
             runs[f"{config}_x{copies}"] = pipeline(config, extra, cores, copies)
         # The engine alone and the pipeline side by side, ROUNDS times: this machine's speed
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         *(
             (label, f"{value:.1f}", f"{value / bound:.2f}", f"{value / nengo_rate:.1f}")
             for label, value in (
-                (f"pipeline, 1 worker, {n} images end to end (start-up included)", end_to_end),
+                (f"pipeline, 1 worker, {n} images end to end (start-up included, kernels compiled)", end_to_end),
                 (f"pipeline, 1 worker, steady state ({4 * n} images, first to last chunk written)", steady),
                 ("pipeline, 1 worker with 1 TensorFlow thread, steady state", steady_1t),
                 ("pipeline, 1 worker confined to 1 core (CPU affinity), steady state", steady_1c),

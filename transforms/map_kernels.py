@@ -13,13 +13,14 @@ and a branchy peak pass before).
 Components are found with union-find on 8-connectivity; each component's root is its first
 pixel in row-major order, so ties between equally large components go to the one whose
 first pixel comes first. Boxes are (ymin, xmin, ymax, xmax) on pixel edges, normalized by
-the map size, NaN for "no component"."""
+the map size, NaN for "no component".
+"""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.cpython.unsafe.numbers import trailing_zeros  # the CPU's count-trailing-zeros
 
 
 @numba.njit(nogil=True, cache=True)
