@@ -32,3 +32,23 @@ def test_shim_converts_and_simulates_a_keras_model():
     np.testing.assert_allclose(
         out[converter.outputs[outputs]][:, 0], model.predict(images, verbose=0), rtol=1e-5, atol=1e-6
     )
+
+
+def test_shim_answers_nengo_dls_gpu_check_without_a_python_process():
+    """nengo-dl's import-time GPU check runs in this process (no new Python importing
+    TensorFlow, ~4 s per process), gives what TensorFlow says, and leaves the thread
+    settings free for the workers to set."""
+    code = """
+import subprocess
+def refuse(args, *rest, **kwargs):
+    raise AssertionError(f"subprocess.call({args!r})")
+subprocess.call = refuse
+import transforms.nengo_shim as shim
+assert subprocess.call is refuse, "the shim must put subprocess.call back"
+gpus = shim.tf.config.list_physical_devices("GPU")
+assert shim.nengo_dl.utils.tf_gpu_installed == bool(gpus), (shim.nengo_dl.utils.tf_gpu_installed, gpus)
+shim.tf.config.threading.set_intra_op_parallelism_threads(1)
+assert shim.tf.config.threading.get_intra_op_parallelism_threads() == 1
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

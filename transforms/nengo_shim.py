@@ -15,6 +15,7 @@ anything touches TensorFlow or nengo-dl::
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import types
 
@@ -46,9 +47,32 @@ def _register_keras2_aliases() -> None:
             setattr(keras.layers, name, getattr(tf_keras.src.layers, name))
 
 
+def _gpu_check_in_process(call):
+    """``subprocess.call`` that answers nengo-dl's import-time GPU check here.
+
+    ``nengo_dl.utils`` asks a new Python process, which imports TensorFlow, whether a GPU
+    is visible: ~4 s of CPU in every process that imports nengo-dl (the launcher and each
+    worker). Its reason, that ``list_physical_devices`` fixes TensorFlow's process-level
+    settings, no longer holds: thread counts and visible devices can still be set after it.
+    """
+
+    def checked(args, *rest, **kwargs):
+        if isinstance(args, list) and args[:2] == [sys.executable, "-c"] and "list_physical_devices('GPU')" in args[2]:
+            return int(not tf.config.list_physical_devices("GPU"))
+        return call(args, *rest, **kwargs)
+
+    return checked
+
+
 _register_keras2_aliases()
 
 import nengo  # noqa: E402
-import nengo_dl  # noqa: E402
+
+_call = subprocess.call
+subprocess.call = _gpu_check_in_process(_call)
+try:
+    import nengo_dl  # noqa: E402
+finally:
+    subprocess.call = _call
 
 __all__ = ["nengo", "nengo_dl", "tf", "tf_keras"]
