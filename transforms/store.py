@@ -8,12 +8,14 @@ images of the per-image variables; the launcher writes the dataset-level summary
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 import xarray_beam as xbeam
 import zarr
+from zarr.core.sync import sync
 
 from transforms.cam import grid_centres
 from transforms.model_head import CamHead
@@ -298,7 +300,13 @@ def write_chunk(key: xbeam.Key, chunk: xr.Dataset, arrays: dict[str, zarr.Array]
     stop = start + chunk.sizes["image"]
     if start % layout.images_per_chunk or (stop - start != layout.images_per_chunk and stop != layout.n_images):
         raise ValueError(f"chunk [{start}, {stop}) is not aligned with zarr chunks of {layout.images_per_chunk}")
-    names = [name for name in chunk.data_vars if name != "status"] + ["status"]
-    for name in names:
-        arrays[name][start:stop] = chunk[name].values
+    region = slice(start, stop)
+
+    async def write(names: list[str]) -> None:
+        await asyncio.gather(*(arrays[name].async_array.setitem(region, chunk[name].values) for name in names))
+
+    # All data arrays in one batch (zarr's per-array cost is mostly waiting on its event
+    # loop: one batch of 34 arrays takes ~60% of the wall time of 34 single writes), then status.
+    sync(write([name for name in chunk.data_vars if name != "status"]))
+    sync(write(["status"]))
     return start
