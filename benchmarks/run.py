@@ -6,8 +6,8 @@ Measures, side by side on this machine: the Keras forward pass and the strict bo
 same model as a compiled function at batch images x steps, divided by steps);
 ``nengo_dl.Simulator`` batched and one image at a time; the fast engine alone; the whole
 pipeline end to end (FnApiRunner: 1 worker, 1 worker with one TensorFlow thread, 1 worker
-confined to one core, 2 worker processes) with where its time goes, the engine alone and
-the steady-state pipelines side by side in three rounds;
+confined to one core, 2 worker processes) with where its time goes; the steady-state
+pipelines in four rounds, each run between two runs of the engine alone;
 peak memory of a worker for the dataset at 1x and 4x its size. Prints a table of ratios
 and writes it to ``docs/benchmarks.md``.
 """
@@ -34,7 +34,7 @@ from transforms.nengo_shim import tf
 from transforms.spiking import SpikingNetwork, SpikingSettings
 
 BATCH = 16
-ROUNDS = 3
+ROUNDS = 4
 
 
 def sample_canvases() -> Canvases:
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     single_runs = (("1w", [], None, 1), ("2w", two_workers, None, 1), ("1w1t", ["--worker-threads=1"], None, 4),
                    ("1c", [], 1, 4))
     paired = (("1w", [], None, 4), ("2w", two_workers, None, 4))
-    runs, rounds = {}, []
+    runs, rounds, engines = {}, [], []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for copies in (1, 4):
@@ -174,12 +174,20 @@ def main(argv: list[str] | None = None) -> None:
         pipeline("warm-up", [], None, 1)  # compiles the numba kernels into their cache, as any first run would
         for config, extra, cores, copies in single_runs:
             runs[f"{config}_x{copies}"] = pipeline(config, extra, cores, copies)
-        # The engine alone and the pipeline side by side, ROUNDS times: this machine's speed
-        # drifts by ~10% over minutes, so each share compares runs made a minute apart.
+        # The engine alone before and after every steady-state pipeline run, ROUNDS rounds
+        # of them: this machine's speed drifts by ~10% over minutes, so each pipeline run is
+        # compared with the mean of the two engine runs around it.
+        def engine() -> float:
+            engines.append(engine_rate(runs["1w_x1"]["images_per_chunk"]))
+            print(f"fast engine {engines[-1]:.1f}/s", flush=True)
+            return engines[-1]
+
+        engine()
         for _ in range(ROUNDS):
-            engine = engine_rate(runs["1w_x1"]["images_per_chunk"])
-            print(f"fast engine {engine:.1f}/s", flush=True)
-            rounds.append({"engine": engine} | {config: pipeline(config, *more) for config, *more in paired})
+            rounds.append({})
+            for config, *more in paired:
+                rounds[-1][config] = pipeline(config, *more)
+                rounds[-1][f"engine_{config}"] = (engines[-1] + engine()) / 2
     fast.close()
 
     def steady_rate(run: dict) -> float:
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for r in rounds:
         r["steady_1w"], r["steady_2w"] = steady_rate(r["1w"]), steady_rate(r["2w"])
-        r["share_1w"], r["share_2w"] = 1 - r["steady_1w"] / r["engine"], 1 - r["steady_2w"] / r["engine"]
+        r["share_1w"], r["share_2w"] = 1 - r["steady_1w"] / r["engine_1w"], 1 - r["steady_2w"] / r["engine_2w"]
 
     def median(key: str) -> float:
         return float(np.median([r[key] for r in rounds]))
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     def each(key: str) -> str:
         return ", ".join(f"{r[key]:.0%}" for r in rounds)
 
-    fast_rate, steady, steady_2 = median("engine"), median("steady_1w"), median("steady_2w")
+    fast_rate, steady, steady_2 = float(np.median(engines)), median("steady_1w"), median("steady_2w")
     overhead, overhead_2 = median("share_1w"), median("share_2w")
     steady_1t, steady_1c = steady_rate(runs["1w1t_x4"]), steady_rate(runs["1c_x4"])
     one, two = runs["1w_x1"], runs["2w_x1"]
@@ -248,15 +256,16 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"`python -m benchmarks.run` (`make benchmark`) on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; the shipped model and sample, {steps} steps, spiking ReLU defaults. "
-        "All figures from one run; ratios are what to compare across machines. The engine alone and the "
-        f"steady-state pipelines ran side by side {ROUNDS} times (this machine's speed drifts by ~10% over "
-        "minutes): their rows and shares are medians, each share comparing runs a minute apart.",
+        "All figures from one run; ratios are what to compare across machines. The steady-state pipelines "
+        f"ran {ROUNDS} times each, every run between two runs of the engine alone (this machine's speed "
+        "drifts by ~10% over minutes): their rows and shares are medians, each share comparing a pipeline "
+        "run with the mean of the two engine runs around it.",
         "",
         table(rows),
         "",
         f"Steady state, everything but the engine (Beam, Keras reference, CAMs, statistics, zarr "
         f"writes): {overhead:.0%} of the pipeline's time with 1 worker, {overhead_2:.0%} with 2 "
-        f"(1 - pipeline / engine alone; each round: {each('share_1w')} and {each('share_2w')}).",
+        f"(1 - pipeline / engine alone around it; each round: {each('share_1w')} and {each('share_2w')}).",
         "",
         f"2 worker processes vs 1: {steady_2 / steady:.2f}x in steady state "
         f"({one['wall_s'] / two['wall_s']:.2f}x end to end on {n} images, start-up included); "
