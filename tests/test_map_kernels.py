@@ -129,7 +129,6 @@ def test_peaks_equal_numpy(n, per_image, size, seed):
     np.testing.assert_allclose(result["energy"], np.where(has_gt, share, np.nan), rtol=1e-6)
 
 
-
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 300), st.integers(0, 2**32 - 1))
 def test_argmax_equals_numpy(n, seed):
