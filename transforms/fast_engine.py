@@ -192,6 +192,12 @@ def _as_tensor(array: np.ndarray) -> tf.Tensor:
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
 
 
+def _as_array(tensor: tf.Tensor) -> np.ndarray:
+    """A read-only array viewing ``tensor``'s memory, without the copy that
+    ``Tensor.numpy()`` makes (TensorFlow's documented ``memoryview`` route)."""
+    return np.asarray(memoryview(tensor))
+
+
 class FastSpikingNetwork:
     """The converted network run layer by layer over all timesteps (see module docstring).
 
@@ -283,10 +289,10 @@ class FastSpikingNetwork:
             taus = (s.synapse,)
             if index == len(self.steps) - 1:  # the feature layer's own neurons: the probe reads them too
                 outs, taus = outs + (features.reshape(n, steps, size),), taus + (s.probe_synapse,)
-            self._neurons(index, y.numpy().reshape(n, -1, size), neuron_shape, outs, taus, rates[:, :, layer])
+            self._neurons(index, _as_array(y).reshape(n, -1, size), neuron_shape, outs, taus, rates[:, :, layer])
             x, over_time, layer = _as_tensor(filtered), True, layer + 1
         if not self.steps[-1].neurons:  # a linear feature layer after the last neurons
-            self._lowpass(x.numpy().reshape(n, steps, -1), features.reshape(n, steps, -1), s.probe_synapse)
+            self._lowpass(_as_array(x).reshape(n, steps, -1), features.reshape(n, steps, -1), s.probe_synapse)
         pooled = tf.reduce_mean(x, axis=(2, 3))  # GAP of what the Dense reads: (B, T, C)
         logits[:] = tf.tensordot(pooled, self.head.weights, axes=1) + self.head.bias
 
