@@ -1,4 +1,7 @@
-"""Writing a chunk: all of its data arrays, then ``status``, the chunk's commit marker."""
+"""The store's template (lazy, whatever the dataset's size); writing a chunk: all of its data
+arrays, then ``status``, the chunk's commit marker."""
+
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -6,10 +9,27 @@ import xarray as xr
 import xarray_beam as xbeam
 import zarr
 
-from transforms.store import StoreLayout, write_chunk
+from transforms.model_head import CamHead
+from transforms.statistics import sweep_thresholds
+from transforms.store import FileRow, StoreLayout, build_template, write_chunk
 
 LAYOUT = StoreLayout(n_images=6, n_steps=1, dt=0.001, max_boxes=1, images_per_chunk=4)
 DTYPES = {"cam": "f4", "label": "i4", "status": "i1"}
+
+
+def test_the_template_takes_no_memory_in_proportion_to_the_dataset():
+    n, steps = 20_000, 30  # cam alone would be 20000 x 10 x 30 x 8 x 8 float32: 1.5 GB
+    head = CamHead("features", (8, 8, 4), "dense", np.ones((4, 10), np.float32), np.zeros(10, np.float32),
+                   (32, 32, 3))
+    layout = StoreLayout(n_images=n, n_steps=steps, dt=0.001, max_boxes=2, images_per_chunk=64)
+    ids = [f"f:{i}" for i in range(n)]
+    tracemalloc.start()
+    template = build_template(layout, head, ids, ["f"] * n, np.arange(n), [str(k) for k in range(10)],
+                              ("a", "b"), sweep_thresholds(), [FileRow("f", n, "")], {})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert template["cam"].shape == (n, 10, steps, 8, 8) and template["cam"].dtype == np.float32
+    assert peak < 50e6, f"building the template allocated {peak / 1e6:.0f} MB"
 
 
 def make_store(path) -> dict[str, zarr.Array]:

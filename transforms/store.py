@@ -188,8 +188,10 @@ def build_template(
         "y": height, "x": width, "box": layout.max_boxes, "coord": 4, "axis": 2,
         "layer": len(neuron_layers), "threshold": len(thresholds),
     }
+    # Placeholders of the right shape and dtype that hold one value (the template makes them
+    # lazy): full arrays would take memory in proportion to the dataset, ~300 kB per image.
     data = {
-        name: (v.dims, np.full(tuple(sizes[d] for d in v.dims), v.fill, dtype=v.dtype))
+        name: (v.dims, np.broadcast_to(np.asarray(v.fill, dtype=v.dtype), tuple(sizes[d] for d in v.dims)))
         for name, v in (PER_IMAGE | SUMMARY).items()
     }
     data["dense_weights"] = (("channel", "class"), head.weights)
