@@ -17,9 +17,11 @@ from transforms.store import STATUS_DONE, SUMMARY
 
 def _true_class(ds: xr.Dataset, name: str, rows: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Values of per-class variable ``name`` for (image ``rows``, class ``classes``) pairs,
-    read one image chunk at a time. Returns (len(rows), ...) float64."""
+    read one of the store's image chunks at a time. Returns (len(rows), ...) float64."""
     variable = ds[name].transpose("image", "class", ...)
-    bounds = np.cumsum((0,) + (variable.chunks[0] if variable.chunks else (variable.sizes["image"],)))
+    size = variable.sizes["image"]
+    step = ds[name].encoding.get("preferred_chunks", {}).get("image", size) or 1
+    bounds = list(range(0, size, step)) + [size]
     parts = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
         inside = (rows >= start) & (rows < stop)
@@ -82,8 +84,9 @@ def dataset_summary(ds: xr.Dataset) -> xr.Dataset:
 
 
 def write_summary(store: str) -> xr.Dataset:
-    """Compute the dataset-level statistics of ``store`` and write them into it."""
-    ds = xr.open_zarr(store)
+    """Compute the dataset-level statistics of ``store`` and write them into it. The store is
+    read without dask (``chunks=None``): its task graphs cost 4x the reading itself here."""
+    ds = xr.open_zarr(store, chunks=None)
     summary = dataset_summary(ds)
     summary.to_zarr(store, mode="r+", consolidated=False, write_empty_chunks=True)
     return summary
