@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from tests.map_helpers import boxes_of, peaks_of, pearson
-from transforms.localization import in_boxes_mask, sweep_boxes
+from transforms.localization import in_boxes_mask, localize, sweep_boxes
 from transforms.map_kernels import _argmax, step_correlations
 from transforms.statistics import sweep_thresholds
 
@@ -154,3 +154,21 @@ def test_step_correlations_equal_numpy():
     assert np.isnan(with_reference[0, 1, 2]) and np.isnan(with_reference[1, 2]).all()
     assert np.isnan(with_last[1, 0]).all() and np.isnan(with_last[0, 1, 2])
     assert np.isfinite(with_reference).sum() == 30 - 7 and np.isfinite(with_last).sum() == 30 - 6
+
+
+@pytest.mark.parametrize("value", [2.5, 1e-40, 0.0, -0.0, -3.0])
+def test_constant_maps_localize_as_their_upsampled_maps(value):
+    # A constant map upsamples to the same constant: peak at the first pixel, box the
+    # whole map where it is positive (else none), energy the share of pixels in the boxes.
+    maps = np.full((2, 3, 4, 4), value, np.float32)
+    maps[1, 2, 3, 3] = 9.0  # not constant: the general path, beside constant ones
+    truth = np.full((2, 1, 4), np.nan, np.float32)
+    truth[:, 0] = [0.0, 0.0, 0.5, 0.25]  # 32 of 16 x 16 pixel centres: 1/8
+    found = localize(maps, (16, 16), 0.2, truth)
+    positive = value > 0
+    for i, m in [(0, 0), (0, 2), (1, 0), (1, 1)]:
+        np.testing.assert_array_equal(found["peak"][i, m], [0, 0])
+        np.testing.assert_array_equal(found["box"][i, m], [0, 0, 1, 1] if positive else [np.nan] * 4)
+        assert found["pointing"][i, m] == 1.0  # pixel (0, 0) is in the box
+        assert found["energy"][i, m] == (0.125 if positive else 0.0)
+    np.testing.assert_array_equal(found["peak"][1, 2], [14, 14])  # the first pixel reading only cell (3, 3)

@@ -276,11 +276,24 @@ def upsample_maps(maps, rows, cols):
 
 
 @numba.njit(nogil=True, cache=True)
+def _constant(values) -> bool:
+    """Whether every value of contiguous ``values`` equals the first (False for NaN)."""
+    flat = values.ravel()
+    same = True
+    for i in range(len(flat)):
+        same &= flat[i] == flat[0]
+    return same
+
+
+@numba.njit(nogil=True, cache=True)
 def localize_upsampled(maps, rows, cols, threshold, inside):
     """The peak (``_argmax``), the positive mass (``_positive_mass``) and the box of the
     largest component >= ``threshold`` times a positive peak (``_component_box``) of every
     map upsampled by ``upsample_bilinear``, one map at a time in a small buffer (the
-    upsampled maps, 16x the input's size, never go through memory).
+    upsampled maps, 16x the input's size, never go through memory). A constant map (a
+    spiking network's early steps, before any spike reaches the last layer: ~13% of the
+    shipped model's maps) upsamples to the same constant, so its values are written
+    directly, the same as those passes would find them.
 
     maps: (N, P, h, w) float32; rows, cols: ``resize_weights`` to (H, W); inside: (N, H, W)
     bool. Returns boxes (N, P, 4) float32, peak (N, P) int64 flat index, total and within
@@ -297,7 +310,15 @@ def localize_upsampled(maps, rows, cols, threshold, inside):
     scratch = _run_scratch(height, width)
     for i in range(n_images):
         inside_flat = inside[i].ravel()
+        n_inside = inside_flat.sum()
         for m in range(per_image):
+            if _constant(maps[i, m]):
+                value = maps[i, m].ravel()[0]  # peak: the first pixel, as already set
+                positive = np.float64(max(value, np.float32(0.0)))
+                total[i, m], within[i, m] = positive * len(flat), positive * n_inside  # exact in float64
+                if value > 0 and value >= threshold * value:  # one component: every pixel
+                    boxes[i, m, :2], boxes[i, m, 2:] = 0.0, 1.0
+                continue
             upsample_bilinear(maps[i, m], rows, cols, up)
             peak[i, m] = top = _argmax(flat)
             total[i, m], within[i, m] = _positive_mass(flat, inside_flat)
