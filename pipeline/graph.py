@@ -1,7 +1,7 @@
-"""The Beam graph: files -> records -> chunks -> CAMs -> zarr.
+"""The Beam graph: files -> records -> decoded images -> chunks -> CAMs -> zarr.
 
-Records (small) are shuffled to their store chunk, so each chunk's outputs (large) are
-computed and written whole by one worker. The store's template is written before the
+Decoded records (small) are shuffled to their store chunk, so each chunk's outputs (large)
+are computed and written whole by one worker. The store's template is written before the
 pipeline runs (``xbeam.setup_zarr``); workers only write regions (``status`` last, so a
 chunk counts as done only once all of it is written).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import apache_beam as beam
 import xarray as xr
 
-from transforms.cam_chunks import ChunkJob, ComputeCamChunk, key_by_chunk
+from transforms.cam_chunks import ChunkJob, ComputeCamChunk, DecodeRecords
 from transforms.chunk_writer import WriteChunks
 from transforms.records import InputFile, read_records
 from transforms.store import chunk_bounds
@@ -37,8 +37,8 @@ def build_pipeline(
         | "ListFiles" >> beam.Create(needed)
         | "SpreadFiles" >> beam.Reshuffle()
         | "ReadRecords" >> beam.FlatMap(read_records)
-        | "KeyByChunk" >> beam.Map(key_by_chunk, layout=job.layout)
-        | "KeepChunksToDo" >> beam.Filter(lambda keyed: keyed[0] in chunks)
+        | "KeepChunksToDo" >> beam.Filter(lambda record: record[0] // job.layout.images_per_chunk in chunks)
+        | "DecodeAndKeyByChunk" >> beam.ParDo(DecodeRecords(job, template.sizes["class"]))
         | "GroupByChunk" >> beam.GroupByKey()
         | "ComputeCams" >> beam.ParDo(ComputeCamChunk(job, template))
         | "WriteChunks" >> beam.ParDo(WriteChunks(store, job.layout))

@@ -8,6 +8,8 @@ import xarray as xr
 from tests import records_factory as rf
 from tests.conftest import run_cli
 from transforms.nengo_shim import tf
+from transforms.records import ExampleDecoder, decode_record
+from transforms.tfrecord_io import BadRecord
 
 
 def test_tfrecord_glob_with_gzip_and_a_bad_image(tmp_path, sample_images, relu_store):
@@ -38,3 +40,23 @@ def test_tfrecord_glob_with_gzip_and_a_bad_image(tmp_path, sample_images, relu_s
     np.testing.assert_allclose(ds.cam.values[good, :, 0], reference.cam.values[:6, :, 0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(ds.label.values[good], labels[:6])
     np.testing.assert_allclose(ds.boxes.values[good, 0], boxes[:6])
+
+
+def test_decode_record_names_the_stage_that_failed(sample_images):
+    image, box = sample_images["image"][0], sample_images["bbox"][0]
+    png = tf.io.encode_png(image).numpy()
+    decoder, classes, max_boxes = ExampleDecoder(), 10, 1
+
+    index, example = decode_record((7, rf.example(png, 3, box)), decoder, classes, max_boxes)
+    assert index == 7 and example.label == 3
+    np.testing.assert_array_equal(example.image, image)
+    np.testing.assert_allclose(example.boxes, box[None])
+    failures = {
+        "read: truncated frame": BadRecord("truncated frame"),
+        "decode: ValueError: label 12 is outside 0..9": rf.example(png, 12, box),
+        "decode: ValueError: 2 boxes, more than --max-boxes=1": rf.example(png, 3, np.stack([box, box])),
+        "decode: DecodeError": b"not a tf.train.Example",
+    }
+    for reason, record in failures.items():
+        index, failed = decode_record((7, record), decoder, classes, max_boxes)
+        assert index == 7 and isinstance(failed, BadRecord) and failed.reason.startswith(reason), failed

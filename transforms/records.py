@@ -352,6 +352,29 @@ def read_records(file: InputFile) -> Iterator[tuple[int, bytes | BadRecord]]:
         yield file.first_index + offset, BadRecord(reason)
 
 
+def check_example(example: Example, n_classes: int, max_boxes: int) -> None:
+    """Raise ValueError when a decoded record does not fit the store."""
+    if not -1 <= example.label < n_classes:
+        raise ValueError(f"label {example.label} is outside 0..{n_classes - 1}")
+    if len(example.boxes) > max_boxes:
+        raise ValueError(f"{len(example.boxes)} boxes, more than --max-boxes={max_boxes}")
+
+
+def decode_record(record: tuple[int, bytes | BadRecord], decoder: TfdsDecoder | ExampleDecoder,
+                  n_classes: int, max_boxes: int) -> tuple[int, Example | BadRecord]:
+    """(global index, record) -> (global index, its Example, or a BadRecord whose reason
+    says which stage failed: ``read: ...`` or ``decode: <error type>: ...``)."""
+    index, data = record
+    if isinstance(data, BadRecord):
+        return index, BadRecord(f"read: {data.reason}")
+    try:
+        example = decoder.decode(data)
+        check_example(example, n_classes, max_boxes)
+    except Exception as err:  # noqa: BLE001 - every failure is recorded per image
+        return index, BadRecord(f"decode: {type(err).__name__}: {err}")
+    return index, example
+
+
 def limit_files(files: tuple[InputFile, ...], n_images: int) -> tuple[InputFile, ...]:
     """The files cut to their first ``n_images`` records in global order."""
     kept = []
