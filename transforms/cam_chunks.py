@@ -34,12 +34,15 @@ from transforms.records import Example, ExampleDecoder, TfdsDecoder, decode_reco
 from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
 from transforms.statistics import StatisticsSettings, image_statistics_threaded
 from transforms.store import (
+    CHUNKED_VARIABLES,
     STATUS_DONE,
     STATUS_FAILED,
     StoreLayout,
     chunk_bounds,
     chunk_dataset,
     chunk_key,
+    INPUT_VARIABLES,
+    chunk_rows,
     empty_chunk,
 )
 from transforms.tfrecord_io import BadRecord
@@ -140,12 +143,12 @@ class ComputeCamChunk(beam.DoFn):
         yield from self._unfinished.drain()
 
     def _assemble(self, element) -> tuple[int, dict, list[np.ndarray], np.ndarray]:
-        """The chunk's empty arrays with labels, boxes and failures filled in; the images that
+        """The chunk's labels, boxes, status and errors (``INPUT_VARIABLES``); the images that
         fit the model, and their rows in the chunk."""
         chunk_index, examples = element
         layout = self._job.layout
         start, stop = chunk_bounds(chunk_index, layout)
-        arrays = empty_chunk(self._template, start, stop)
+        arrays = empty_chunk(self._template, start, stop, INPUT_VARIABLES)  # the rest in _finish
         rows, images = [], []
         for index, example in sorted(examples, key=lambda r: r[0]):
             row = index - start
@@ -177,32 +180,33 @@ class ComputeCamChunk(beam.DoFn):
         return spiking + reference
 
     def _finish(self, chunk_index: int, arrays: dict, outputs: tuple | None, rows: np.ndarray):
-        """CAMs and statistics into ``arrays``: ((key, chunk Dataset), {stage: ms})."""
+        """The chunk's other variables (CAMs and statistics at ``rows``, fill values elsewhere)
+        beside ``arrays``: ((key, chunk Dataset), {stage: ms})."""
         timings: dict[str, int] = {}
-        if outputs is not None:
-            self._compute(outputs, rows, arrays, timings)
+        computed = self._compute(outputs, arrays["label"][rows], arrays["boxes"][rows], timings) if len(rows) else {}
+        arrays["status"][rows] = STATUS_DONE
+        n = len(arrays["status"])
+        for name in CHUNKED_VARIABLES:
+            if name not in arrays:
+                arrays[name] = chunk_rows(self._template, name, computed.get(name), rows, n)
         return (chunk_key(chunk_index, self._job.layout), chunk_dataset(self._template, arrays)), timings
 
-    def _compute(self, outputs: tuple[np.ndarray, ...], rows: np.ndarray, arrays: dict, timings: dict) -> None:
+    def _compute(self, outputs: tuple[np.ndarray, ...], labels: np.ndarray, boxes: np.ndarray,
+                 timings: dict) -> dict[str, np.ndarray]:
+        """CAMs, outputs and statistics of the simulated images, keyed by store variable."""
         features, logits, rates, reference_features, reference_logits = outputs
         weights = self._head.weights
         with timed("cam_ms", timings):
             cam = step_class_activation_maps(features, weights)
             cam_reference = class_activation_maps(reference_features, weights)
-        arrays["cam"][rows] = cam
-        arrays["logits"][rows] = logits
-        arrays["cam_reference"][rows] = cam_reference
-        arrays["logits_reference"][rows] = reference_logits
-        arrays["firing_rate"][rows] = np.swapaxes(rates, 1, 2)
         with timed("statistics_ms", timings):
             statistics = image_statistics_threaded(
-                cam, cam_reference, logits, reference_logits, arrays["label"][rows], arrays["boxes"][rows],
+                cam, cam_reference, logits, reference_logits, labels, boxes,
                 settings=self._job.statistics, pool=self._networks.statistics_pool,
                 threads=self._networks.statistics_threads,
             )
-        for name, values in statistics.items():
-            arrays[name][rows] = values
-        arrays["status"][rows] = STATUS_DONE
+        return statistics | {"cam": cam, "logits": logits, "cam_reference": cam_reference,
+                             "logits_reference": reference_logits, "firing_rate": np.swapaxes(rates, 1, 2)}
 
 
 class DecodeRecords(beam.DoFn):

@@ -264,12 +264,27 @@ def chunk_bounds(chunk_index: int, layout: StoreLayout) -> tuple[int, int]:
     return start, min(start + layout.images_per_chunk, layout.n_images)
 
 
-def empty_chunk(template: xr.Dataset, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Fill-value arrays for the per-image variables of images [start, stop)."""
-    return {
-        name: np.full((stop - start,) + template[name].shape[1:], v.fill, dtype=v.dtype)
-        for name, v in PER_IMAGE.items()
-    }
+INPUT_VARIABLES = ("label", "boxes", "status", "error")  # known before any simulation
+
+
+def empty_chunk(template: xr.Dataset, start: int, stop: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Fill-value arrays of the per-image variables ``names`` for images [start, stop)."""
+    return {name: chunk_rows(template, name, None, np.zeros(0, np.int64), stop - start) for name in names}
+
+
+def chunk_rows(template: xr.Dataset, name: str, values: np.ndarray | None, rows: np.ndarray,
+               n: int) -> np.ndarray:
+    """Variable ``name`` for a chunk of ``n`` images: ``values`` at ``rows`` (ascending), the
+    fill value elsewhere. When ``rows`` are all ``n`` rows, that is ``values`` themselves,
+    not a filled copy (``cam`` is ~20 MB a chunk)."""
+    variable = PER_IMAGE[name]
+    shape = (n,) + template[name].shape[1:]
+    if len(rows) == n and values is not None:
+        return np.asarray(values, variable.dtype).reshape(shape)
+    out = np.full(shape, variable.fill, dtype=variable.dtype)
+    if len(rows):
+        out[rows] = values
+    return out
 
 
 def chunk_dataset(template: xr.Dataset, arrays: dict[str, np.ndarray]) -> xr.Dataset:
