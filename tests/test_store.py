@@ -11,7 +11,7 @@ import zarr
 
 from transforms.model_head import CamHead
 from transforms.statistics import sweep_thresholds
-from transforms.store import FileRow, StoreLayout, build_template, write_chunk
+from transforms.store import FileRow, StoreLayout, _chunk_file_codec, build_template, write_chunk
 
 LAYOUT = StoreLayout(n_images=6, n_steps=1, dt=0.001, max_boxes=1, images_per_chunk=4)
 DTYPES = {"cam": "f4", "label": "i4", "status": "i1"}
@@ -68,3 +68,35 @@ def test_a_chunk_off_the_zarr_chunk_grid_is_refused(tmp_path):
     arrays = make_store(tmp_path / "s.zarr")
     with pytest.raises(ValueError, match="not aligned"):
         write_chunk(xbeam.Key({"image": 2}), chunk(2, 6), arrays, LAYOUT)
+
+
+def test_chunk_files_written_directly_are_what_zarr_writes(tmp_path):
+    rng = np.random.default_rng(0)
+    cam = rng.normal(size=(6, 3, 5)).astype("f4")
+    cam[rng.random(cam.shape) < 0.5] = 0.0
+    cam[1, 2] = np.nan
+    data = xr.Dataset({"cam": (("image", "k", "x"), cam), "label": ("image", np.arange(6, dtype="i4")),
+                       "status": ("image", np.ones(6, "i1"))})
+    arrays = {}
+    for name in ("direct", "zarr"):
+        group = zarr.open_group(str(tmp_path / name), mode="w")
+        group.create_array("cam", shape=cam.shape, chunks=(4, 3, 5), dtype="f4", fill_value=np.nan,
+                           compressors=zarr.codecs.ZstdCodec(level=1), dimension_names=("image", "k", "x"))
+        for var in ("label", "status"):
+            group.create_array(var, shape=(6,), chunks=(4,), dtype=data[var].dtype, fill_value=0,
+                               dimension_names=("image",))
+        arrays[name] = {var: group[var] for var in data.data_vars}
+    for start, stop in ((0, 4), (4, 6)):
+        write_chunk(xbeam.Key({"image": start}), data.isel(image=slice(start, stop)), arrays["direct"], LAYOUT)
+        for var in data.data_vars:
+            arrays["zarr"][var][start:stop] = data[var].values[start:stop]
+    assert _chunk_file_codec(arrays["direct"]["cam"], (4, 3, 5)) is not None  # the first chunk: as files
+    assert _chunk_file_codec(arrays["direct"]["cam"], (2, 3, 5)) is None  # the last, partial: through zarr
+    def chunk_files(store):
+        return sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file() and p.name != "zarr.json")
+
+    files = chunk_files(tmp_path / "direct")
+    assert len(files) == 6 and files == chunk_files(tmp_path / "zarr")  # and no partial file left
+    for file in files:
+        assert (tmp_path / "direct" / file).read_bytes() == (tmp_path / "zarr" / file).read_bytes(), file
+    xr.testing.assert_identical(xr.open_zarr(tmp_path / "direct", consolidated=False).compute(), data)

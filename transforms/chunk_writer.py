@@ -1,8 +1,8 @@
 """Beam DoFn: write each finished chunk into the store, in a background thread.
 
-Writing a chunk (~35 arrays, zstd) takes ~1 ms of CPU per image, most of it zarr's own
-work per array (zstd on ``cam``: ~0.3 ms); in the DoFn's own thread it would hold up the
-next chunk's simulation, so it runs in one writer thread per process.
+Writing a chunk (~35 arrays, zstd) takes ~0.5 ms of CPU per image (zstd on ``cam``:
+~0.3 ms; see ``transforms.store.write_chunk``); in the DoFn's own thread it would hold up
+the next chunk's simulation, so it runs in one writer thread per process.
 """
 
 from __future__ import annotations

@@ -9,8 +9,13 @@ images of the per-image variables; the launcher writes the dataset-level summary
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
+import numcodecs
 import numpy as np
 import xarray as xr
 import xarray_beam as xbeam
@@ -308,9 +313,9 @@ def write_chunk(key: xbeam.Key, chunk: xr.Dataset, arrays: dict[str, zarr.Array]
     ``status`` is the chunk's commit marker: a run killed while writing leaves it 0
     ("never written"), so ``--resume`` computes the chunk again. Every chunk is stored,
     even one equal to the fill value, so that ``verify`` can tell a missing chunk, and the
-    store's metadata is not rewritten. Arrays are assigned through zarr directly: the
-    chunk's arrays are already in the store's dims and dtypes, and this is twice as fast as
-    xarray's region writes (measured: 0.16 s against 0.32 s for 96 sample images).
+    store's metadata is not rewritten. The chunk's arrays are already in the store's dims
+    and dtypes: a full chunk of a numeric array on a local store is encoded and written as
+    its file here (``_write_chunk_file``), the rest through zarr, in one batch.
     Returns the chunk's first image index.
     """
     start = key.offsets["image"]
@@ -318,12 +323,53 @@ def write_chunk(key: xbeam.Key, chunk: xr.Dataset, arrays: dict[str, zarr.Array]
     if start % layout.images_per_chunk or (stop - start != layout.images_per_chunk and stop != layout.n_images):
         raise ValueError(f"chunk [{start}, {stop}) is not aligned with zarr chunks of {layout.images_per_chunk}")
     region = slice(start, stop)
+    values = {name: chunk.variables[name].values for name in chunk.data_vars}
 
-    async def write(names: list[str]) -> None:
-        await asyncio.gather(*(arrays[name].async_array.setitem(region, chunk[name].values) for name in names))
+    async def through_zarr(names: list[str]) -> None:
+        await asyncio.gather(*(arrays[name].async_array.setitem(region, values[name]) for name in names))
 
-    # All data arrays in one batch (zarr's per-array cost is mostly waiting on its event
-    # loop: one batch of 34 arrays takes ~60% of the wall time of 34 single writes), then status.
-    sync(write([name for name in chunk.data_vars if name != "status"]))
-    sync(write(["status"]))
+    def write(names: list[str]) -> None:
+        rest = []
+        for name in names:
+            codec = _chunk_file_codec(arrays[name], values[name].shape)
+            if codec is None:
+                rest.append(name)
+            else:
+                _write_chunk_file(arrays[name], start // layout.images_per_chunk, values[name], codec)
+        if rest:
+            sync(through_zarr(rest))
+
+    write([name for name in chunk.data_vars if name != "status"])
+    write(["status"])
     return start
+
+
+def _chunk_file_codec(array: zarr.Array, shape: tuple[int, ...]) -> numcodecs.Zstd | None:
+    """The codec with which ``_write_chunk_file`` writes a ``shape`` chunk of ``array`` as zarr
+    would (a test checks the bytes): where the chunk is whole, the store local and writable,
+    the format 3, the dtype numeric and the codecs (bytes, little-endian; zstd). Else None.
+
+    zarr's own write of a chunk costs ~1.5 ms of CPU per array, mostly its per-array
+    machinery and event loop, so ~0.8 ms per image for a chunk's ~35 arrays; this costs the
+    encoding (0.3 ms per image on ``cam``) and the file."""
+    store, codecs = array.store_path.store, array.metadata.codecs
+    if (
+        array.metadata.zarr_format != 3 or not isinstance(store, zarr.storage.LocalStore) or store.read_only
+        or sys.byteorder != "little" or array.dtype.kind not in "biuf" or tuple(shape) != array.chunks
+        or len(codecs) != 2 or not isinstance(codecs[0], zarr.codecs.BytesCodec)
+        or codecs[0].endian not in (None, zarr.codecs.Endian.little) or not isinstance(codecs[1], zarr.codecs.ZstdCodec)
+    ):
+        return None
+    return numcodecs.Zstd(level=codecs[1].level, checksum=codecs[1].checksum)
+
+
+def _write_chunk_file(array: zarr.Array, index: int, values: np.ndarray, codec: numcodecs.Zstd) -> None:
+    """Chunk ``index`` along the first axis of ``array``, encoded by ``codec``, into its file:
+    written beside it, then renamed over it (as zarr's local store does)."""
+    key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+    path = Path(array.store_path.store.root, array.store_path.path, key)
+    data = codec.encode(np.ascontiguousarray(values, array.dtype))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
