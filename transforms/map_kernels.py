@@ -51,14 +51,6 @@ def _union(parent, area, bounds, root: int, pixel: int) -> int:
 
 
 @numba.njit(nogil=True, cache=True)
-def _add(parent, area, bounds, i: int, width: int) -> None:
-    parent[i] = i
-    area[i] = 1
-    bounds[i, 0] = bounds[i, 2] = i // width
-    bounds[i, 1] = bounds[i, 3] = i % width
-
-
-@numba.njit(nogil=True, cache=True)
 def _box(out_row, bounds, root: int, height: int, width: int) -> None:
     out_row[0] = bounds[root, 0] / height
     out_row[1] = bounds[root, 1] / width
@@ -150,14 +142,43 @@ def _run_scratch(height: int, width: int):
 
 
 @numba.njit(nogil=True, cache=True)
-def _sweep(values, thresholds, parent, area, bounds, out) -> None:
+def _levels(flat, thresholds, level) -> None:
+    """level[i] = the last t with thresholds[t] <= flat[i], -1 for none (NaN counts as above
+    every threshold, as ``np.searchsorted`` sorts it). A guess from evenly spaced thresholds,
+    corrected by stepping: exact for any ascending thresholds, and ~1 step for the sweep's."""
+    n = len(thresholds)
+    first, last = thresholds[0], thresholds[n - 1]
+    per_unit = (n - 1) / (last - first) if last > first else 0.0
+    for i in range(len(flat)):
+        value = np.float64(flat[i])
+        if value != value:
+            level[i] = n - 1
+            continue
+        guess = 0
+        if per_unit > 0 and abs(value) < np.inf:
+            guess = int(min(max((value - first) * per_unit, -1.0), n - 1.0))
+        while guess + 1 < n and thresholds[guess + 1] <= value:
+            guess += 1
+        while guess >= 0 and thresholds[guess] > value:
+            guess -= 1
+        level[i] = guess
+
+
+_NEIGHBOURS = np.array([-1, 0, 1], np.int64)
+
+
+@numba.njit(nogil=True, cache=True)
+def _sweep(values, thresholds, parent, area, bounds, level, out) -> None:
     """``sweep_component_boxes`` of one (H, W) map into ``out`` (S, 4), NaN-filled.
-    parent, area, bounds: scratch for every pixel."""
+    parent, area, bounds: scratch for every pixel of the map padded by one pixel all round
+    (so that no neighbour needs a bounds check; padded indices keep row-major order);
+    level: scratch for every pixel."""
     height, width = values.shape
+    stride = width + 2
     n_thresholds = len(thresholds)
     flat = values.ravel()
     # Pixels bucketed by the highest threshold they reach (a counting sort).
-    level = np.searchsorted(thresholds, flat.astype(np.float64), side="right") - 1
+    _levels(flat, thresholds, level)
     starts = np.zeros(n_thresholds + 1, np.int64)
     for i in range(len(flat)):
         if level[i] >= 0:
@@ -173,15 +194,17 @@ def _sweep(values, thresholds, parent, area, bounds, out) -> None:
     best = -1
     for s in range(n_thresholds - 1, -1, -1):
         for k in range(starts[s], starts[s + 1]):
-            i = order[k]
-            _add(parent, area, bounds, i, width)
-            r, c = i // width, i % width
-            root = i
-            for rr in range(max(r - 1, 0), min(r + 2, height)):
-                for cc in range(max(c - 1, 0), min(c + 2, width)):
-                    joined = parent[rr * width + cc]
-                    if joined >= 0 and joined != root:  # in the set, not yet known to be joined
-                        root = _union(parent, area, bounds, root, rr * width + cc)
+            r, c = order[k] // width, order[k] % width
+            p = (r + 1) * stride + c + 1
+            parent[p], area[p] = p, 1
+            bounds[p, 0] = bounds[p, 2] = r
+            bounds[p, 1] = bounds[p, 3] = c
+            root = p
+            for dr in _NEIGHBOURS:
+                for dc in _NEIGHBOURS:
+                    q = p + dr * stride + dc
+                    if parent[q] >= 0 and parent[q] != root:  # in the set, not yet known to be joined
+                        root = _union(parent, area, bounds, root, q)
             if best < 0:
                 best = root
             else:
@@ -201,12 +224,14 @@ def sweep_component_boxes(maps: np.ndarray, thresholds: np.ndarray) -> np.ndarra
     float64, ascending. Returns (M, S, 4) float32, NaN where no pixel reaches t.
     """
     n_maps, height, width = maps.shape
-    parent = np.empty(height * width, np.int64)
-    area = np.empty(height * width, np.int64)
-    bounds = np.empty((height * width, 4), np.int64)
+    padded = (height + 2) * (width + 2)
+    parent = np.empty(padded, np.int64)
+    area = np.empty(padded, np.int64)
+    bounds = np.empty((padded, 4), np.int64)
+    level = np.empty(height * width, np.int64)
     out = np.full((n_maps, len(thresholds), 4), np.nan, np.float32)
     for m in range(n_maps):
-        _sweep(maps[m], thresholds, parent, area, bounds, out[m])
+        _sweep(maps[m], thresholds, parent, area, bounds, level, out[m])
     return out
 
 
