@@ -11,7 +11,7 @@ import xarray as xr
 from scipy import ndimage
 
 from tests.conftest import run_cli
-from transforms.statistics import StatisticsSettings, image_statistics, settled_step
+from transforms.statistics import StatisticsSettings, image_statistics, image_statistics_threaded, settled_step
 
 
 def test_settled_step_by_hand():
@@ -171,3 +171,24 @@ def test_statistics_do_not_depend_on_chunking_or_batch_size(spiking_store, store
     assert other.cam.encoding["chunks"][0] == 10
     for name in one.data_vars:
         xr.testing.assert_identical(one[name], other[name])
+
+
+def test_statistics_in_threads_equal_those_in_one_call():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    n, k, steps = 7, 4, 3
+    cam = rng.normal(size=(n, k, steps, 4, 4)).astype(np.float32)
+    cam_reference = rng.normal(size=(n, k, 4, 4)).astype(np.float32)
+    logits, logits_reference = rng.normal(size=(n, steps, k)), rng.normal(size=(n, k))
+    labels = rng.integers(-1, k, n)
+    corner = rng.uniform(0, 0.5, (n, 1, 2))
+    boxes = np.concatenate([corner, corner + 0.4], axis=-1).astype(np.float32)
+    settings = StatisticsSettings(size=(8, 8))
+    arrays = (cam, cam_reference, logits, logits_reference, labels, boxes)
+    expected = image_statistics(*arrays, settings)
+    with ThreadPoolExecutor(3) as pool:
+        threaded = image_statistics_threaded(*arrays, settings=settings, pool=pool, threads=3)
+    assert threaded.keys() == expected.keys()
+    for name, values in expected.items():
+        np.testing.assert_array_equal(threaded[name], values, err_msg=name)

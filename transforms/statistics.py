@@ -154,7 +154,8 @@ def image_statistics_threaded(
     image. Keep one pool (of ``threads`` threads) per process: threads made anew for every
     chunk each get a malloc arena of their own, and the process's memory grows with the data."""
     n = len(arrays[0])
-    groups = [g for g in np.array_split(np.arange(n), max(1, min(threads, n))) if len(g)]
+    bounds = np.linspace(0, n, max(1, min(threads, n)) + 1).astype(int)
+    groups = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]  # views: cam is ~20 MB
     if pool is None or len(groups) == 1:
         return image_statistics(*arrays, settings)
     parts = list(pool.map(lambda rows: image_statistics(*(a[rows] for a in arrays), settings), groups))
