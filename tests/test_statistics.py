@@ -11,7 +11,12 @@ import xarray as xr
 from scipy import ndimage
 
 from tests.conftest import run_cli
-from transforms.statistics import StatisticsSettings, image_statistics, image_statistics_threaded, settled_step
+from transforms.statistics import (
+    StatisticsSettings,
+    image_statistics,
+    image_statistics_threaded,
+    settled_step,
+)
 
 
 def test_settled_step_by_hand():

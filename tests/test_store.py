@@ -11,7 +11,13 @@ import zarr
 
 from transforms.model_head import CamHead
 from transforms.statistics import sweep_thresholds
-from transforms.store import FileRow, StoreLayout, _chunk_file_codec, build_template, write_chunk
+from transforms.store import (
+    FileRow,
+    StoreLayout,
+    _chunk_file_codec,
+    build_template,
+    write_chunk,
+)
 
 LAYOUT = StoreLayout(n_images=6, n_steps=1, dt=0.001, max_boxes=1, images_per_chunk=4)
 DTYPES = {"cam": "f4", "label": "i4", "status": "i1"}

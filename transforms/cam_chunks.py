@@ -35,13 +35,13 @@ from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
 from transforms.statistics import StatisticsSettings, image_statistics_threaded
 from transforms.store import (
     CHUNKED_VARIABLES,
+    INPUT_VARIABLES,
     STATUS_DONE,
     STATUS_FAILED,
     StoreLayout,
     chunk_bounds,
     chunk_dataset,
     chunk_key,
-    INPUT_VARIABLES,
     chunk_rows,
     empty_chunk,
 )
@@ -132,7 +132,7 @@ class ComputeCamChunk(beam.DoFn):
     def start_bundle(self) -> None:
         self._unfinished = Unfinished(self.MAX_UNFINISHED)
 
-    def process(self, element: tuple[int, Iterable[tuple[int, bytes | BadRecord]]],
+    def process(self, element: tuple[int, Iterable[tuple[int, Example | BadRecord]]],
                 timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         chunk_index, arrays, images, rows = self._assemble(element)
         outputs = self._simulate(images) if images else None

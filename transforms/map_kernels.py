@@ -151,7 +151,7 @@ def _levels(flat, thresholds, level) -> None:
     per_unit = (n - 1) / (last - first) if last > first else 0.0
     for i in range(len(flat)):
         value = np.float64(flat[i])
-        if value != value:
+        if np.isnan(value):
             level[i] = n - 1
             continue
         guess = 0

@@ -9,6 +9,7 @@ values are NaN for images without a label. 1.0/0.0 flags are floats so that they
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -155,7 +156,7 @@ def image_statistics_threaded(
     chunk each get a malloc arena of their own, and the process's memory grows with the data."""
     n = len(arrays[0])
     bounds = np.linspace(0, n, max(1, min(threads, n)) + 1).astype(int)
-    groups = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]  # views: cam is ~20 MB
+    groups = [slice(start, stop) for start, stop in itertools.pairwise(bounds)]  # views: cam is ~20 MB
     if pool is None or len(groups) == 1:
         return image_statistics(*arrays, settings)
     parts = list(pool.map(lambda rows: image_statistics(*(a[rows] for a in arrays), settings), groups))
