@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import apache_beam as beam
 import xarray as xr
+import xarray_beam as xbeam
 
+import transforms.coders  # noqa: F401  (registers the coder of chunk Datasets)
 from transforms.cam_chunks import ChunkJob, ComputeCamChunk, DecodeRecords
 from transforms.chunk_writer import WriteChunks
 from transforms.records import InputFile, read_records
@@ -40,6 +42,7 @@ def build_pipeline(
         | "KeepChunksToDo" >> beam.Filter(lambda record: record[0] // job.layout.images_per_chunk in chunks)
         | "DecodeAndKeyByChunk" >> beam.ParDo(DecodeRecords(job, template.sizes["class"]))
         | "GroupByChunk" >> beam.GroupByKey()
-        | "ComputeCams" >> beam.ParDo(ComputeCamChunk(job, template))
+        | "ComputeCams" >> beam.ParDo(ComputeCamChunk(job, template)).with_output_types(
+            tuple[xbeam.Key, xr.Dataset])  # sized by DatasetCoder, not pickled to be sized
         | "WriteChunks" >> beam.ParDo(WriteChunks(store, job.layout))
     )

@@ -1,0 +1,40 @@
+"""Chunks pass between the pipeline's transforms with a coder that sizes them cheaply."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import apache_beam as beam
+import numpy as np
+import xarray as xr
+import xarray_beam as xbeam
+
+from pipeline.graph import build_pipeline
+from transforms.cam_chunks import ChunkJob
+from transforms.coders import DatasetCoder
+from transforms.preprocess import Preprocessing
+from transforms.records import ExampleDecoder
+from transforms.spiking import SpikingSettings
+from transforms.statistics import StatisticsSettings
+from transforms.store import StoreLayout
+
+
+def test_chunks_leave_compute_cams_with_a_coder_that_sizes_them_without_encoding():
+    job = ChunkJob("model.h5", SpikingSettings(), ExampleDecoder(),
+                   StoreLayout(n_images=4, n_steps=2, dt=0.001, max_boxes=1, images_per_chunk=4),
+                   StatisticsSettings(size=(8, 8)), Preprocessing())
+    template = xr.Dataset(coords={"class": ["a", "b"]})
+    pipeline = beam.Pipeline()
+    build_pipeline(pipeline, (), job, template, "store.zarr", frozenset({0}))
+    (computed,) = [t for t in pipeline.transforms_stack[0].parts if t.full_label == "ComputeCams"]
+    element_type = computed.outputs[None].element_type
+    assert isinstance(beam.coders.registry.get_coder(element_type).coders()[1], DatasetCoder)
+
+    chunk = (xbeam.Key({"image": 0}), xr.Dataset({"cam": ("image", np.arange(1000, dtype="f4"))}))
+    with mock.patch.object(DatasetCoder, "encode", side_effect=AssertionError("encoded to estimate its size")):
+        size = beam.coders.registry.get_coder(element_type).estimate_size(chunk)
+    assert 4000 <= size < 4200  # the cam's 4000 bytes and the key's few
+    coder = beam.coders.registry.get_coder(element_type)
+    key, decoded = coder.decode(coder.encode(chunk))
+    assert key == chunk[0]
+    xr.testing.assert_identical(decoded, chunk[1])
