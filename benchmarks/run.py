@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         ),
     ]
     stage_rows = (
-        ("decoding (in the reading stage, before the shuffle)", "decode_ms"), ("spiking engine", "engine_ms"), ("Keras reference", "reference_ms"), ("CAMs", "cam_ms"),
+        ("decoding (in the reading stage, before the shuffle)", "decode_ms"), ("spiking engine", "engine_ms"),
+        ("Keras reference", "reference_ms"), ("CAMs", "cam_ms"),
         ("statistics (alongside the next chunk's engine)", "statistics_ms"), ("zarr writes", "write_ms"))
     split = [
         (f"1 worker, {4 * n} images: time in each stage", "seconds", "of the run"),

@@ -13,7 +13,7 @@ import xarray as xr
 import xarray_beam as xbeam
 
 import transforms.coders  # noqa: F401  (registers the coder of chunk Datasets)
-from transforms.cam_chunks import ChunkJob, ComputeCamChunk, DecodeRecords
+from transforms.cam_chunks import ChunkJob, ComputeCamChunk, DecodeRecords, key_by_chunk
 from transforms.chunk_writer import WriteChunks
 from transforms.records import InputFile, read_records
 from transforms.store import chunk_bounds
@@ -39,8 +39,9 @@ def build_pipeline(
         | "ListFiles" >> beam.Create(needed)
         | "SpreadFiles" >> beam.Reshuffle()
         | "ReadRecords" >> beam.FlatMap(read_records)
-        | "KeepChunksToDo" >> beam.Filter(lambda record: record[0] // job.layout.images_per_chunk in chunks)
-        | "DecodeAndKeyByChunk" >> beam.ParDo(DecodeRecords(job, template.sizes["class"]))
+        | "KeyByChunk" >> beam.Map(key_by_chunk, layout=job.layout)
+        | "KeepChunksToDo" >> beam.Filter(lambda keyed: keyed[0] in chunks)
+        | "DecodeRecords" >> beam.ParDo(DecodeRecords(job, template.sizes["class"]))
         | "GroupByChunk" >> beam.GroupByKey()
         | "ComputeCams" >> beam.ParDo(ComputeCamChunk(job, template)).with_output_types(
             tuple[xbeam.Key, xr.Dataset])  # sized by DatasetCoder, not pickled to be sized
