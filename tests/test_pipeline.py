@@ -11,7 +11,7 @@ import numpy as np
 import xarray as xr
 
 from pipeline.sample import LABEL_NAMES
-from tests.conftest import N_IMAGES, SPIKING_ARGS, run_cli
+from tests.conftest import N_IMAGES, SMALL_RUN, SPIKING_ARGS, run_cli
 
 
 def test_rate_neuron_cam_equals_keras_cam_at_every_step(relu_store, keras_reference, sample_images):
@@ -162,3 +162,17 @@ def test_run_reports_stage_times_and_when_chunks_were_written(store_dir):
     # Measured in the background threads, counted through the DoFns' threads.
     assert metrics["statistics_ms"] > 0 and metrics["write_ms"] >= 0 and "engine_ms" in metrics
     assert before <= metrics["chunk_written_at_ms_min"] <= metrics["chunk_written_at_ms_max"] <= time.time() * 1000
+
+
+def test_nengo_dl_engine_gives_the_fast_engines_store(store_dir, relu_store):
+    """The reference engine through the whole pipeline gives what the fast engine gave."""
+    out = store_dir / "relu_nengo_dl.zarr"
+    assert run_cli("--engine", "nengo-dl", "--neuron", "relu", "--n-steps", "4", *SMALL_RUN,
+                   "--output", str(out)) == 0
+    fast, nengo = xr.open_zarr(relu_store), xr.open_zarr(out)
+    assert (fast.attrs["engine"], nengo.attrs["engine"]) == ("fast", "nengo-dl")
+    scale = float(np.abs(fast.cam).max())
+    np.testing.assert_allclose(nengo.cam.values, fast.cam.values, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(nengo.logits.values, fast.logits.values, rtol=1e-5, atol=1e-5 * scale)
+    # Boxes threshold the maps: a pixel within rounding of the threshold may move one edge.
+    assert np.mean(nengo.cam_box.values == fast.cam_box.values) > 0.99
