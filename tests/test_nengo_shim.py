@@ -52,3 +52,18 @@ assert shim.tf.config.threading.get_intra_op_parallelism_threads() == 1
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_shim_leaves_keras_3_unimported_and_importable():
+    """nengo-dl's ``keras.*`` names are served only while it imports: Keras 3 is not loaded
+    (~1.2 s in every process), and a later ``import keras`` still gets Keras 3."""
+    code = """
+import sys
+import transforms.nengo_shim
+loaded = sorted(name for name in sys.modules if name == "keras" or name.startswith("keras."))
+assert not loaded, loaded
+import keras
+assert keras.__version__.startswith("3"), keras.__version__
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]

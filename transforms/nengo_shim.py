@@ -4,7 +4,7 @@ nengo-dl 3.6 (the last release) imports ``keras.engine.functional`` and
 ``keras.layers.BatchNormalizationV1/V2``. Since TF 2.16, ``keras`` is Keras 3, and the
 Keras 2 engine lives in ``tf_keras.src.engine``. This module selects tf-keras
 (``TF_USE_LEGACY_KERAS=1``, which must be set before TensorFlow is first imported) and
-registers the tf-keras modules under the names nengo-dl asks for. Import it before
+serves the tf-keras modules under the names nengo-dl asks for while it imports. Import it before
 anything touches TensorFlow or nengo-dl::
 
     from transforms.nengo_shim import nengo, nengo_dl, tf, tf_keras
@@ -14,10 +14,12 @@ anything touches TensorFlow or nengo-dl::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,18 +35,34 @@ import tf_keras  # noqa: E402
 from tf_keras.src.engine import functional as _functional  # noqa: E402
 
 
-def _register_keras2_aliases() -> None:
-    """Expose tf-keras under the ``keras.*`` names that nengo-dl 3.6 imports."""
-    import keras
-    import keras.layers
+@contextlib.contextmanager
+def _keras2_names() -> Iterator[None]:
+    """Serve nengo-dl 3.6's ``keras.*`` imports from tf-keras while the block runs.
 
-    engine = types.ModuleType("keras.engine")
-    engine.functional = _functional
-    sys.modules.setdefault("keras.engine", engine)
-    sys.modules.setdefault("keras.engine.functional", _functional)
+    Stand-in modules ``keras``, ``keras.engine``, ``keras.engine.functional`` and
+    ``keras.layers`` hold what nengo-dl takes from them (``Functional``, ``_build_map``,
+    ``BatchNormalizationV1/V2``); afterwards ``sys.modules`` is as before, so a later
+    ``import keras`` gets Keras 3 as usual. Keras 3 itself is never imported: that took
+    ~1.2 s in every process (the launcher's and each worker's)."""
+    keras = types.ModuleType("keras")
+    keras.engine = types.ModuleType("keras.engine")
+    keras.engine.functional = _functional
+    keras.layers = types.ModuleType("keras.layers")
     for name in ("BatchNormalizationV1", "BatchNormalizationV2"):
-        if not hasattr(keras.layers, name):
-            setattr(keras.layers, name, getattr(tf_keras.src.layers, name))
+        setattr(keras.layers, name, getattr(tf_keras.src.layers, name))
+    keras.__path__ = keras.engine.__path__ = []  # packages, so that their submodules import
+    stand_ins = {"keras": keras, "keras.engine": keras.engine, "keras.engine.functional": _functional,
+                 "keras.layers": keras.layers}
+    before = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name, module in before.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
 
 
 def _gpu_check_in_process(call):
@@ -64,14 +82,13 @@ def _gpu_check_in_process(call):
     return checked
 
 
-_register_keras2_aliases()
-
 import nengo  # noqa: E402
 
 _call = subprocess.call
 subprocess.call = _gpu_check_in_process(_call)
 try:
-    import nengo_dl  # noqa: E402
+    with _keras2_names():
+        import nengo_dl  # noqa: E402
 finally:
     subprocess.call = _call
 
