@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +11,7 @@ import pytest
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
-from transforms.background import Unfinished, timed
+from transforms.background import BACKGROUND_NICE, Unfinished, background_pool, timed
 
 
 def test_results_come_in_submission_order_and_at_most_limit_are_held():
@@ -51,3 +53,14 @@ def test_timed_adds_milliseconds_into_a_dict():
         with timed("stage_ms", timings):
             threading.Event().wait(0.01)
     assert timings["stage_ms"] >= 18
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
+def test_background_threads_run_at_the_lowest_priority_and_leave_the_callers_alone():
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = priority()
+    with background_pool(2, "test") as pool:
+        assert list(pool.map(lambda _: priority(), range(4))) == [BACKGROUND_NICE] * 4
+    assert BACKGROUND_NICE == 19 and priority() == before

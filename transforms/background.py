@@ -1,7 +1,8 @@
 """Work a DoFn hands to a background thread, and stage timings that reach Beam's counters.
 
 A worker's simulation keeps its main thread busy; CAMs, statistics and zarr writes can
-run beside it in threads of their own (numpy, numba, zstd and file I/O release the GIL).
+run beside it in threads of their own (numpy, numba, zstd and file I/O release the GIL),
+at the lowest CPU priority (``background_pool``).
 ``Unfinished`` holds the futures of that work and emits the results in order: from
 ``process`` as they finish (or as soon as more than ``limit`` are unfinished, which
 bounds memory), the rest from ``finish_bundle``, so a bundle ends only when all of its
@@ -16,14 +17,32 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import sys
+import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 METRICS_NAMESPACE = "cam_pipeline"
+BACKGROUND_NICE = 19  # the lowest CPU priority
+
+
+def _lower_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux, where nice is per thread)."""
+    if sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+
+
+def background_pool(threads: int, name: str) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads for work beside the simulation, at the lowest CPU
+    priority: they take the cycles the engine leaves idle rather than the engine's own,
+    and when they fall behind, the simulation waits for them (``Unfinished``) and leaves
+    them the cores. Measured: +11% images/s in steady state (6 rounds, each faster)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=_lower_priority)
 
 
 @contextlib.contextmanager

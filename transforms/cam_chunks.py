@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -24,7 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 from threadpoolctl import threadpool_limits
 
-from transforms.background import METRICS_NAMESPACE, Unfinished, timed
+from transforms.background import METRICS_NAMESPACE, Unfinished, background_pool, timed
 from transforms.cam import class_activation_maps, step_class_activation_maps
 from transforms.fast_engine import FastSpikingNetwork
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
@@ -102,8 +101,8 @@ class Networks:
         self.reference = ReferenceNetwork(model, self.head)
         self.lock = threading.Lock()
         self.statistics_threads = threads
-        self.statistics_pool = ThreadPoolExecutor(self.statistics_threads) if self.statistics_threads > 1 else None
-        self.finisher = ThreadPoolExecutor(1)  # CAMs and statistics of one chunk while the next simulates
+        self.statistics_pool = background_pool(self.statistics_threads, "statistics") if self.statistics_threads > 1 else None
+        self.finisher = background_pool(1, "finisher")  # CAMs and statistics of one chunk while the next simulates
         Networks.builds += 1
 
 

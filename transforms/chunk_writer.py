@@ -17,7 +17,7 @@ import xarray_beam as xbeam
 import zarr
 from apache_beam.metrics import Metrics
 
-from transforms.background import METRICS_NAMESPACE, Unfinished, timed
+from transforms.background import METRICS_NAMESPACE, Unfinished, background_pool, timed
 from transforms.store import StoreLayout, open_chunk_arrays, write_chunk
 
 _writer: ThreadPoolExecutor | None = None
@@ -29,7 +29,7 @@ def writer() -> ThreadPoolExecutor:
     global _writer
     with _writer_lock:
         if _writer is None:
-            _writer = ThreadPoolExecutor(1, thread_name_prefix="zarr-writer")
+            _writer = background_pool(1, "zarr-writer")
         return _writer
 
 
