@@ -4,8 +4,8 @@ nengo-dl 3.6 (the last release) imports ``keras.engine.functional`` and
 ``keras.layers.BatchNormalizationV1/V2``. Since TF 2.16, ``keras`` is Keras 3, and the
 Keras 2 engine lives in ``tf_keras.src.engine``. This module selects tf-keras
 (``TF_USE_LEGACY_KERAS=1``, which must be set before TensorFlow is first imported) and
-serves the tf-keras modules under the names nengo-dl asks for while it imports. Import it before
-anything touches TensorFlow or nengo-dl::
+serves the tf-keras modules under the names nengo-dl asks for while it imports. Import it
+before anything touches TensorFlow or nengo-dl::
 
     from transforms.nengo_shim import nengo, nengo_dl, tf, tf_keras
 
