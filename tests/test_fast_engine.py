@@ -147,3 +147,27 @@ def test_unsupported_network_falls_back_to_nengo_dl_with_a_reason(caplog):
         chosen = effective_settings(model, head, settings, layers)
     assert chosen.engine == "nengo-dl"
     assert "does not support this network" in caplog.text and "MaxPooling2D" in caplog.text
+
+
+@pytest.mark.parametrize("neuron", ["spiking-relu", "lif"])
+def test_initial_states_are_those_nengo_dls_builder_draws(neuron):
+    """Drawn from the ensembles' seeds alone, they equal what building the whole network
+    with nengo-dl's builder gives."""
+    from transforms.fast_engine import _initial_states
+    from transforms.nengo_shim import nengo_dl
+
+    model = load_keras_model(SAMPLE_MODEL)
+    settings = SpikingSettings(neuron=neuron)
+    converted = convert(model, find_cam_head(model), settings)
+    built = nengo_dl.builder.NengoModel(dt=settings.dt, builder=nengo_dl.builder.NengoBuilder(), fail_fast=False)
+    built.build(converted.net)
+    ensembles = {ens.label.rsplit(".", 1)[0]: ens for ens in converted.net.all_ensembles}
+    drawn = _initial_states(converted, converted.neuron_layers)
+    assert list(drawn) == list(converted.neuron_layers)
+    for name, states in drawn.items():
+        signals = built.sig[ensembles[name].neurons]
+        expected = {k: np.asarray(v.initial_value, np.float32).ravel() for k, v in signals.items()
+                    if k in ("voltage", "refractory_time")}
+        assert set(states) == set(expected) and "voltage" in states
+        for key, value in expected.items():
+            np.testing.assert_array_equal(states[key], value)

@@ -41,7 +41,7 @@ import numpy as np
 
 from transforms import neuron_kernels
 from transforms.model_head import IDENTITY_AT_INFERENCE, CamHead, inbound_layer
-from transforms.nengo_shim import nengo_dl, tf, tf_keras
+from transforms.nengo_shim import nengo, tf, tf_keras
 from transforms.spiking import SpikingSettings, convert
 
 log = logging.getLogger(__name__)
@@ -154,16 +154,21 @@ def effective_settings(
     return settings
 
 
-def _initial_states(converted, neuron_layers: tuple[str, ...], dt: float) -> dict[str, dict[str, np.ndarray]]:
-    """Initial neuron states of each neuron layer, as nengo-dl's builder draws them."""
-    model = nengo_dl.builder.NengoModel(dt=dt, builder=nengo_dl.builder.NengoBuilder(), fail_fast=False)
-    model.build(converted.net)
+def _initial_states(converted, neuron_layers: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+    """Initial neuron states of each neuron layer, as nengo's builder draws them
+    (``nengo.builder.neurons.build_neurons``: from ``RandomState(seed + 1)``, where ``seed``
+    is what ``seed_network`` gives the layer's ensemble), without building the rest of the
+    network (its evaluation points alone took ~0.3 s for the shipped model)."""
+    seeds, seeded = {}, {}
+    nengo.builder.network.seed_network(converted.net, seeds, seeded)
     ensembles = {ens.label.rsplit(".", 1)[0]: ens for ens in converted.net.all_ensembles}
-    return {
-        name: {k: np.asarray(v.initial_value, np.float32).ravel() for k, v in model.sig[ensembles[name].neurons].items()
-               if k in ("voltage", "refractory_time")}
-        for name in neuron_layers
-    }
+    states = {}
+    for name in neuron_layers:
+        ens = ensembles[name]
+        drawn = ens.neuron_type.make_state(ens.n_neurons, np.random.RandomState(seeds[ens] + 1), nengo.rc.float_dtype)
+        states[name] = {k: np.asarray(v, np.float32).ravel() for k, v in drawn.items()
+                        if k in ("voltage", "refractory_time")}
+    return states
 
 
 def _decay(tau: float | None, dt: float) -> float | None:
@@ -216,7 +221,7 @@ class FastSpikingNetwork:
         self.steps = checked_plan(model, head, self.neuron_layers)
         if not any(step.neurons for step in self.steps):
             raise UnsupportedNetwork("no neuron layer before the feature map")
-        self._states = _initial_states(converted, self.neuron_layers, settings.dt)
+        self._states = _initial_states(converted, self.neuron_layers)
         self._biases: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._workspace = threading.local()
         self._pool = ThreadPoolExecutor(concurrent_batches) if concurrent_batches > 1 else None
