@@ -64,3 +64,12 @@ def test_background_threads_run_at_the_lowest_priority_and_leave_the_callers_alo
     with background_pool(2, "test") as pool:
         assert list(pool.map(lambda _: priority(), range(4))) == [BACKGROUND_NICE] * 4
     assert BACKGROUND_NICE == 19 and priority() == before
+
+
+def test_background_threads_work_where_lower_priority_is_refused(monkeypatch):
+    def refuse(*args):
+        raise PermissionError("setpriority refused")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    with background_pool(1, "test") as pool:
+        assert pool.submit(lambda: 42).result() == 42

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -27,14 +28,19 @@ from typing import Any, Iterator
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
+log = logging.getLogger(__name__)
 METRICS_NAMESPACE = "cam_pipeline"
 BACKGROUND_NICE = 19  # the lowest CPU priority
 
 
 def _lower_priority() -> None:
-    """Give the calling thread the lowest CPU priority (Linux, where nice is per thread)."""
+    """Give the calling thread the lowest CPU priority (Linux, where nice is per thread);
+    where that is refused, the thread runs at normal priority (slower, same results)."""
     if sys.platform.startswith("linux"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        except OSError as err:
+            log.info("background thread left at normal priority: %s", err)
 
 
 def background_pool(threads: int, name: str) -> ThreadPoolExecutor:
