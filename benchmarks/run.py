@@ -8,7 +8,7 @@ and the end, the faster kept);
 ``nengo_dl.Simulator`` batched and one image at a time; the fast engine alone; the whole
 pipeline end to end (FnApiRunner: 1 worker, 1 worker with one TensorFlow thread, 1 worker
 confined to one core, 2 worker processes) with where its time goes; the steady-state
-pipelines in four rounds, each run between two runs of the engine alone;
+pipelines in six rounds, each run between two runs of the engine alone;
 peak memory of a worker for the dataset at 1x and 4x its size. Prints a table of ratios
 and writes it to ``docs/benchmarks.md``.
 """
@@ -35,7 +35,7 @@ from transforms.nengo_shim import tf
 from transforms.spiking import SpikingNetwork, SpikingSettings
 
 BATCH = 16
-ROUNDS = 4
+ROUNDS = 6  # single rounds of the share range over ~20 points on these machines: the median of 6 is steadier
 
 
 def sample_canvases() -> Canvases:
