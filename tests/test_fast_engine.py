@@ -14,7 +14,12 @@ import pytest
 from pipeline.sample import SAMPLE_MODEL
 from tests.map_helpers import pearson
 from transforms.cam import class_activation_maps
-from transforms.fast_engine import FastSpikingNetwork, effective_settings, plan
+from transforms.fast_engine import (
+    FastSpikingNetwork,
+    effective_settings,
+    plan,
+    projections,
+)
 from transforms.model_head import find_cam_head, load_keras_model
 from transforms.nengo_shim import tf_keras
 from transforms.spiking import SpikingNetwork, SpikingSettings, convert
@@ -62,7 +67,26 @@ def strided_net() -> tf_keras.Model:
     return _scaled(tf_keras.Model(inputs, L.Dense(5)(L.GlobalAveragePooling2D()(x))), 3)
 
 
-NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net}
+def projected_net() -> tf_keras.Model:
+    """Every neuron layer feeds the next one's Conv2D or Dense directly: spikes run through
+    them event by event (odd sizes, so 'same' pads one side more; Dense after Flatten)."""
+    x = inputs = tf_keras.Input((11, 9, 2))
+    x = L.Conv2D(6, (5, 3), strides=(2, 1), padding="same", activation="relu")(x)
+    x = L.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+    x = L.Dense(24, activation="relu")(L.Flatten()(x))
+    x = L.Conv2D(5, 2, padding="same", activation="relu", name="features")(L.Reshape((2, 3, 4))(x))
+    return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 4)
+
+
+NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net,
+            "projected": projected_net}
+
+
+def test_projected_net_runs_its_spikes_through_every_layer_event_by_event():
+    model = projected_net()
+    steps = plan(model, find_cam_head(model))
+    neuron_steps = [i for i, step in enumerate(steps) if step.neurons]
+    assert sorted(projections(steps, model.input_shape[1:])) == neuron_steps[:-1]
 
 
 def _run_both(model, settings, images):
@@ -93,12 +117,13 @@ def test_rate_neurons_match_to_1e5_at_every_step(network, synapse):
 
 @pytest.mark.parametrize("network", NETWORKS)
 @pytest.mark.parametrize("neuron", ["spiking-relu", "lif"])
-def test_spiking_neurons_match_spike_counts_and_cams(network, neuron):
+@pytest.mark.parametrize("synapse", [None, 0.005])
+def test_spiking_neurons_match_spike_counts_and_cams(network, neuron, synapse):
     model = NETWORKS[network]()
     shape = model.input_shape[1:]
     images = _images(shape, n=8)
     # Spike counts: probe the feature layer unfiltered, so its output is spikes * amplitude / dt.
-    raw = SpikingSettings(neuron=neuron, n_steps=25, synapse=0.005, probe_synapse=None,
+    raw = SpikingSettings(neuron=neuron, n_steps=25, synapse=synapse, probe_synapse=None,
                           scale_firing_rates=50, batch_size=8)
     _, (features, _, _), (f, _, _) = _run_both(model, raw, images)
     to_counts = raw.dt * raw.scale_firing_rates
@@ -106,7 +131,7 @@ def test_spiking_neurons_match_spike_counts_and_cams(network, neuron):
     assert counts.sum() > 100, "the test network should spike"
     assert np.mean(counts != fast_counts) <= 0.001
     # CAMs from the filtered feature maps correlate >= 0.999 at every step where defined.
-    filtered = SpikingSettings(neuron=neuron, n_steps=25, synapse=0.005, probe_synapse=0.01,
+    filtered = SpikingSettings(neuron=neuron, n_steps=25, synapse=synapse, probe_synapse=0.01,
                                scale_firing_rates=50, batch_size=8)
     head, (features, logits, _), (f, lg, _) = _run_both(model, filtered, images)
     cam, fast_cam = class_activation_maps(features, head.weights), class_activation_maps(f, head.weights)

@@ -1,4 +1,5 @@
-"""The numba population scan equals a plain numpy loop over time, across neuron blocks.
+"""The numba population scan equals a plain numpy loop over time, across neuron blocks, and
+its event-by-event projection equals TensorFlow's convolution.
 
 The equivalence with nengo_dl.Simulator is tested in test_fast_engine.py on small networks
 (fewer neurons than one block); here populations span several blocks and a partial one.
@@ -11,9 +12,22 @@ import math
 import numpy as np
 import pytest
 
+from transforms.fast_engine import Step, _taps
+from transforms.nengo_shim import tf
 from transforms.neuron_kernels import BLOCK, NEURONS, run_population
 
 F32 = np.float32
+NAN2 = np.full(2, np.nan, F32)
+NO_TAPS = np.empty((0, 0), np.int64)
+NO_PROJECTION = (np.empty((0, 0), F32), NO_TAPS, NO_TAPS, np.empty((0, 0, 0), F32))
+
+
+def scan(y, b_in, b_out, scale, neuron, dt, amplitude, voltage, outs, rates, input_synapse=NAN2,
+         decays=NAN2, gains=NAN2, projection=NO_PROJECTION):
+    """run_population with its padded arguments filled in (outs: one or two arrays)."""
+    padded = tuple(outs) + (np.empty((0, 0, 0), F32),) * (2 - len(outs))
+    run_population(y, input_synapse, b_in, b_out, scale, NEURONS[neuron], dt, amplitude, voltage,
+                   np.zeros_like(voltage), decays, gains, padded, len(outs), rates, *projection)
 
 
 def numpy_scan(y, b_in, b_out, scale, dt, amplitude, voltage, decays, gains, n_steps):
@@ -48,10 +62,47 @@ def test_spiking_scan_equals_numpy_loop_over_blocks(constant):
     scale, dt, amplitude = F32(100), F32(0.001), F32(1 / F32(100))
     outs = tuple(np.full((images, steps, neurons), np.nan, F32) for _ in decays)
     rates = np.empty((images, steps), F32)
-    run_population(y, b_in, b_out, scale, NEURONS["spiking-relu"], dt, amplitude, voltage, np.zeros(neurons, F32),
-                   decays, gains, outs, rates)
+    scan(y, b_in, b_out, scale, "spiking-relu", dt, amplitude, voltage, outs, rates, decays=decays, gains=gains)
     expected, expected_rates = numpy_scan(y, b_in, b_out, scale, dt, amplitude, voltage, decays, gains, steps)
     assert expected[1].sum() > 0, "the neurons should spike"
     for got, want in zip(outs, expected):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(rates, expected_rates, rtol=1e-6)
+
+
+def test_input_synapse_filters_y_with_a_one_step_delay():
+    rng = np.random.default_rng(5)
+    images, steps, neurons = 2, 6, BLOCK + 77
+    y = rng.normal(0, 1, (images, steps, neurons)).astype(F32)
+    zeros = np.zeros(neurons, F32)
+    a = F32(math.exp(-0.001 / 0.005))
+    out, rates = np.empty_like(y), np.empty((images, steps), F32)
+    scan(y, zeros, zeros, F32(1), "identity", F32(0.001), F32(1), zeros, (out,), rates,
+         input_synapse=np.array([a, 1 - a], F32))
+    expected, state = np.empty_like(y), np.zeros((images, neurons), F32)
+    for t in range(steps):
+        expected[:, t] = state
+        state = a * state + (1 - a) * y[:, t]
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("shape, kernel, strides, padding", [
+    ((64, 64, 16), (3, 3), (2, 2), "SAME"),
+    ((11, 9, 3), (5, 3), (2, 1), "SAME"),
+    ((10, 7, 2), (2, 2), (3, 2), "SAME"),
+    ((9, 12, 4), (3, 4), (2, 3), "VALID"),
+    ((1, 1, 300), (1, 1), (1, 1), "VALID"),  # a Dense layer
+])
+def test_projection_of_sparse_outputs_equals_tensorflows_convolution(shape, kernel, strides, padding):
+    rng = np.random.default_rng(6)
+    images, steps, n_out = 2, 3, 5
+    x = rng.normal(0, 1, (images, steps) + shape).astype(F32) * (rng.random((images, steps) + shape) < 0.2)
+    weights = rng.normal(0, 1, kernel + (shape[2], n_out)).astype(F32)
+    expected = tf.nn.conv2d(x.reshape((-1,) + shape), weights, strides, padding).numpy()
+    out_shape = expected.shape[1:]
+    offsets, rows = _taps(Step("c", "conv", True, strides=strides, padding=padding), weights, shape, out_shape)
+    z = np.full((images, steps, int(np.prod(out_shape))), np.nan, F32)
+    size, zeros = int(np.prod(shape)), np.zeros(int(np.prod(shape)), F32)
+    scan(x.reshape(images, steps, size), zeros, zeros, F32(1), "identity", F32(0.001), F32(1), zeros, (),
+         np.empty((images, steps), F32), projection=(weights.reshape(-1, n_out), offsets, rows, z))
+    np.testing.assert_allclose(z.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,14 @@ kernels (``transforms.neuron_kernels``) that keep a block of neurons' state in c
 all steps, ~4x faster than an XLA-compiled ``tf.scan``. Values are batch-major (B, T, ...)
 and pass between the two in place (DLPack), in per-thread buffers reused across batches.
 
+Spikes are sparse (the shipped model at 30 steps: 0.3%, 2% and 8% of its first three
+layers' neurons spike at a step), so where a spiking population feeds the next layer's
+Conv2D or Dense directly (``projections``), that linear op runs event by event inside the
+population's scan instead: each spike adds its value times the kernel taps it reaches to
+the next layer's input. The synapse commutes with the linear op, so it filters that input
+in the next scan. For the shipped model this does ~1/20 of the dense convolutions'
+multiply-adds and runs the engine ~2.5x faster; rate neurons keep the dense convolutions.
+
 It reproduces the converted network exactly as NengoDL builds it:
 
 - each ReLU layer is a neuron population with gain = scale_firing_rates and amplitude
@@ -50,6 +58,10 @@ RELUS = (tf_keras.activations.relu, tf.nn.relu)
 LINEAR = (tf_keras.activations.linear, None)
 
 
+_NONE = np.empty((0, 0, 0), np.float32)  # an absent output or projection target
+_NO_KERNEL, _NO_TAPS = np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
+
+
 class UnsupportedNetwork(ValueError):
     """The fast engine cannot run this network (the message says why)."""
 
@@ -73,6 +85,7 @@ class Step:
     pool: tuple[int, int] = (1, 1)
     shape: tuple[int, ...] = ()
     bias_in_population: bool = False
+    output_shape: tuple[int, ...] = ()
 
 
 def _activation(layer) -> bool:
@@ -97,6 +110,7 @@ def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
             raise UnsupportedNetwork(f"the network is not a single chain: {err}") from err
     steps = []
     for layer in reversed(chain):
+        output_shape = tuple(layer.output.shape[1:])
         if isinstance(layer, layers.Conv2D) and type(layer) is layers.Conv2D:
             if layer.groups != 1 or layer.dilation_rate != (1, 1) or layer.data_format != "channels_last":
                 raise UnsupportedNetwork(f"layer {layer.name!r}: grouped, dilated or channels_first Conv2D")
@@ -126,6 +140,7 @@ def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
             steps.append(Step(layer.name, "identity", False))
         else:
             raise UnsupportedNetwork(f"layer {layer.name!r} ({type(layer).__name__}) is not supported")
+        steps[-1] = dataclasses.replace(steps[-1], output_shape=output_shape)
     return steps
 
 
@@ -152,6 +167,75 @@ def effective_settings(
         log.warning("engine 'fast' does not support this network (%s): using 'nengo-dl'", err)
         return dataclasses.replace(settings, engine="nengo-dl")
     return settings
+
+
+SPIKING = ("spiking-relu", "lif")  # neuron types whose outputs are sparse events
+PASS_THROUGH = ("flatten", "reshape", "identity")  # steps that leave the flat values as they are
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A Conv2D or Dense step run event by event on the spikes of the population below
+    (``neuron_kernels._project``).
+
+    target: the step's index; kernel: (kh * kw * C, K); offsets, rows: (H * W, kh * kw)
+    for each input pixel, the output offsets its taps reach and their kernel rows;
+    shape: the step's output shape.
+    """
+
+    target: int
+    kernel: np.ndarray
+    offsets: np.ndarray
+    rows: np.ndarray
+    shape: tuple[int, ...]
+
+
+def _as_3d(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """A value shape as (H, W, C), leading axes of 1 added (a Dense acts on the last axis)."""
+    return (1,) * (3 - len(shape)) + tuple(shape)
+
+
+def _taps(step: Step, kernel: np.ndarray, in_shape: tuple[int, int, int], out_shape: tuple[int, int, int]
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, rows) of a Projection: out[oy, ox] += in[oy * sy + ky - pad_top, ...] *
+    kernel[ky, kx], TensorFlow's convolution with its 'SAME' padding (extra on the bottom
+    and right)."""
+    (height, width, channels), (out_h, out_w, n_out), (kh, kw) = in_shape, out_shape, kernel.shape[:2]
+    (sy, sx), (pad_top, pad_left) = step.strides, (0, 0)
+    if step.padding == "SAME":
+        pad_top = max((out_h - 1) * sy + kh - height, 0) // 2
+        pad_left = max((out_w - 1) * sx + kw - width, 0) // 2
+    offsets = np.full((height * width, kh * kw), -1, np.int64)
+    rows = np.zeros_like(offsets)
+    for y, x in np.ndindex(height, width):
+        reached = [((oy // sy) * out_w + ox // sx, ky * kw + kx)
+                   for ky in range(kh) for kx in range(kw)
+                   for oy, ox in [(y + pad_top - ky, x + pad_left - kx)]
+                   if 0 <= oy < out_h * sy and oy % sy == 0 and 0 <= ox < out_w * sx and ox % sx == 0]
+        for tap, (pixel, row) in enumerate(reached):
+            offsets[y * width + x, tap], rows[y * width + x, tap] = pixel * n_out, row * channels
+    return offsets, rows
+
+
+def projections(steps: list[Step], input_shape: tuple[int, ...]) -> dict[int, Projection]:
+    """For each neuron step whose output reaches the next neuron layer's Conv2D or Dense
+    through reshapes and identities only: that step, as a Projection (keyed by the source
+    step's index)."""
+    found = {}
+    for source, step in enumerate(steps):
+        target = source + 1
+        while target < len(steps) and steps[target].kind in PASS_THROUGH and not steps[target].neurons:
+            target += 1
+        if not step.neurons or target == len(steps):
+            continue
+        into = steps[target]
+        if into.kind not in ("conv", "dense") or not into.neurons:
+            continue
+        kernel = into.kernel if into.kind == "conv" else into.kernel.reshape(1, 1, *into.kernel.shape)
+        offsets, rows = _taps(into, kernel, _as_3d(steps[target - 1].output_shape), _as_3d(into.output_shape))
+        flat = np.ascontiguousarray(kernel, np.float32).reshape(-1, kernel.shape[3])
+        found[source] = Projection(target, flat, offsets, rows, into.output_shape)
+    return found
 
 
 def _initial_states(converted, neuron_layers: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
@@ -192,6 +276,14 @@ def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     return raw[offset : offset + size].view(np.float32).reshape(shape)
 
 
+def _readonly(array: np.ndarray) -> np.ndarray:
+    """A read-only view: the scan's input is one array type whether TensorFlow or numpy
+    produced it, so numba compiles and caches it once."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 def _as_tensor(array: np.ndarray) -> tf.Tensor:
     """A tensor sharing ``array``'s memory (64-byte aligned, C-contiguous), without a copy."""
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
@@ -222,6 +314,7 @@ class FastSpikingNetwork:
         if not any(step.neurons for step in self.steps):
             raise UnsupportedNetwork("no neuron layer before the feature map")
         self._states = _initial_states(converted, self.neuron_layers)
+        self._projections = projections(self.steps, head.input_shape) if settings.neuron in SPIKING else {}
         self._biases: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._workspace = threading.local()
         self._pool = ThreadPoolExecutor(concurrent_batches) if concurrent_batches > 1 else None
@@ -241,23 +334,41 @@ class FastSpikingNetwork:
         return self._biases[index]
 
     def _neurons(self, index: int, y: np.ndarray, neuron_shape: tuple[int, ...], outs: tuple[np.ndarray, ...],
-                 taus: tuple, rates: np.ndarray) -> None:
+                 taus: tuple, rates: np.ndarray, filtered_input: bool = False,
+                 projection: tuple[np.ndarray, ...] = ()) -> None:
         """Run step ``index``'s neurons on its linear output ``y`` (B, T, N), or (B, 1, N) if
         the same at every step; write the output through each synapse of ``taus`` to
-        ``outs`` (B, T, N) and the mean firing rate (Hz) to ``rates`` (B, T)."""
+        ``outs`` (B, T, N) and the mean firing rate (Hz) to ``rates`` (B, T).
+
+        filtered_input: y is the linear op of the layer below's spikes, to be filtered by
+        the synapse here; projection: (kernel, offsets, rows, z) to add this layer's spikes
+        through the next layer's linear op to z (see ``neuron_kernels._project``)."""
         s, state = self.settings, self._states[self.steps[index].name]
         scale = np.float32(s.scale_firing_rates)
         zeros = np.zeros(y.shape[2], np.float32)
         b_in, b_out = self._bias_terms(index, neuron_shape)
+        input_synapse = np.array(_synapses((s.synapse if filtered_input else None,), s.dt)).ravel()
+        self._population(y, input_synapse, b_in, b_out, scale, s.neuron, 1 / scale, state.get("voltage", zeros),
+                         state.get("refractory_time", zeros), taus, outs, rates, projection)
+
+    def _population(self, y, input_synapse, b_in, b_out, scale, neuron, amplitude, voltage, refractory, taus, outs,
+                    rates, projection) -> None:
+        """``neuron_kernels.run_population`` with every argument in the one type it is compiled for."""
+        decays, gains = _synapses(taus, self.settings.dt)
+        padded = np.full(2, np.nan, np.float32)
+        outs = tuple(outs) + (_NONE,) * (2 - len(outs))
+        kernel, offsets, rows, z = projection or (_NO_KERNEL, _NO_TAPS, _NO_TAPS, _NONE)
         neuron_kernels.run_population(
-            y, b_in, b_out, scale, neuron_kernels.NEURONS[s.neuron], np.float32(s.dt), np.float32(1 / scale),
-            state.get("voltage", zeros), state.get("refractory_time", zeros), *_synapses(taus, s.dt), outs, rates)
+            _readonly(y), input_synapse, b_in, b_out, np.float32(scale), neuron_kernels.NEURONS[neuron],
+            np.float32(self.settings.dt), np.float32(amplitude), voltage, refractory,
+            np.concatenate([decays, padded])[:2], np.concatenate([gains, padded])[:2], outs, len(taus), rates, kernel,
+            offsets, rows, z)
 
     def _lowpass(self, x: np.ndarray, out: np.ndarray, tau: float | None) -> None:
         """x (B, T, N) through a lowpass synapse ``tau`` into ``out`` (B, T, N)."""
-        zeros, one, dt = np.zeros(x.shape[2], np.float32), np.float32(1), self.settings.dt
-        neuron_kernels.run_population(x, zeros, zeros, one, neuron_kernels.NEURONS["identity"], np.float32(dt), one,
-                                      zeros, zeros, *_synapses((tau,), dt), (out,), np.empty(x.shape[:2], np.float32))
+        zeros = np.zeros(x.shape[2], np.float32)
+        self._population(x, np.full(2, np.nan, np.float32), zeros, zeros, 1, "identity", 1, zeros, zeros, (tau,),
+                         (out,), np.empty(x.shape[:2], np.float32), ())
 
     def _linear(self, step: Step, x: tf.Tensor) -> tf.Tensor:
         """The step's linear op on (N, ...) values, without bias."""
@@ -276,26 +387,40 @@ class FastSpikingNetwork:
     def _simulate(self, images: np.ndarray, features: np.ndarray, logits: np.ndarray, rates: np.ndarray) -> None:
         """Simulate one minibatch: images (B, H, W, C) into features (B, T, h, w, c), logits
         (B, T, K) and rates (B, T, L). Values are batch-major (B, T, ...) once neurons start;
-        a layer's linear op runs on all B x T of them at once."""
+        a layer's linear op runs on all B x T of them at once, or, on spikes, event by
+        event inside the scan below (``projections``)."""
         s = self.settings
         n, steps = len(images), s.n_steps
         x, over_time, layer = tf.constant(images), False, 0
+        incoming, z = None, _NONE  # the projection the population below ran, into z
         for index, step in enumerate(self.steps):
-            y = self._linear(step, tf.reshape(x, (-1,) + tuple(x.shape[2:])) if over_time else x)
-            neuron_shape = tuple(y.shape[1:])
-            if over_time:
-                y = tf.reshape(y, (n, steps) + neuron_shape)
-            if not step.neurons:
-                x = y if step.bias is None else y + step.bias
-                continue
-            size = int(np.prod(neuron_shape))
-            filtered = self._buffer(index, (n, steps) + neuron_shape)
-            outs = (filtered.reshape(n, steps, size),)
-            taus = (s.synapse,)
-            if index == len(self.steps) - 1:  # the feature layer's own neurons: the probe reads them too
-                outs, taus = outs + (features.reshape(n, steps, size),), taus + (s.probe_synapse,)
-            self._neurons(index, _as_array(y).reshape(n, -1, size), neuron_shape, outs, taus, rates[:, :, layer])
-            x, over_time, layer = _as_tensor(filtered), True, layer + 1
+            if incoming is not None and index < incoming.target:
+                continue  # reshapes on the way to the projected step
+            if incoming is not None:  # this step's linear op ran in the scan below
+                y, neuron_shape = z, incoming.shape
+            else:
+                y = self._linear(step, tf.reshape(x, (-1,) + tuple(x.shape[2:])) if over_time else x)
+                neuron_shape = tuple(y.shape[1:])
+                if over_time:
+                    y = tf.reshape(y, (n, steps) + neuron_shape)
+                if not step.neurons:
+                    x = y if step.bias is None else y + step.bias
+                    continue
+                y = _as_array(y)
+            size, filtered_input = int(np.prod(neuron_shape)), incoming is not None
+            incoming = self._projections.get(index)
+            if incoming is not None:
+                z = self._buffer(index, (n, steps, int(np.prod(incoming.shape))))
+                outs, taus, projection = (), (), (incoming.kernel, incoming.offsets, incoming.rows, z)
+            else:
+                filtered = self._buffer(index, (n, steps) + neuron_shape)
+                outs, taus, projection = (filtered.reshape(n, steps, size),), (s.synapse,), ()
+                if index == len(self.steps) - 1:  # the feature layer's own neurons: the probe reads them too
+                    outs, taus = outs + (features.reshape(n, steps, size),), taus + (s.probe_synapse,)
+                x, over_time = _as_tensor(filtered), True
+            self._neurons(index, y.reshape(n, -1, size), neuron_shape, outs, taus, rates[:, :, layer],
+                          filtered_input, projection)
+            layer += 1
         if not self.steps[-1].neurons:  # a linear feature layer after the last neurons
             self._lowpass(_as_array(x).reshape(n, steps, -1), features.reshape(n, steps, -1), s.probe_synapse)
         pooled = tf.reduce_mean(x, axis=(2, 3))  # GAP of what the Dense reads: (B, T, C)

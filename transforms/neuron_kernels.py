@@ -19,6 +19,7 @@ import numba
 import numpy as np
 
 BLOCK = 4096  # neurons whose state is kept in cache while they run all steps
+STRIPES = 16  # a block's spikes are searched for column by column over this many stripes
 NEURONS = {"relu": 0, "spiking-relu": 1, "lif": 2, "identity": 3}  # "identity": s = J
 LIF_TAU_RC, LIF_TAU_REF = np.float32(0.02), np.float32(0.002)  # nengo.LIF's defaults (s)
 _ZERO, _ONE = np.float32(0), np.float32(1)
@@ -86,36 +87,93 @@ def _emit(s, filtered, a, b, out) -> None:
         filtered[i] = a * filtered[i] + b * s[i]
 
 
+@numba.njit(nogil=True, cache=True, fastmath={"contract"})
+def _project(s, first, kernel, offsets, rows, seen, z) -> None:
+    """Add the nonzero outputs ``s`` of neurons ``first``, ``first + 1``, ... through a
+    convolution to ``z`` (one step's output, flat (OH, OW, K)).
+
+    kernel: (kh * kw * C, K), row (ky * kw + kx) * C + c; offsets, rows: (H * W, kh * kw),
+    for each input pixel the flat output offsets (oy * OW + ox) * K its kernel taps reach
+    (-1 past the last) and their kernel rows less the channel; seen: int32 scratch of
+    len(s) / STRIPES. A Dense layer is the convolution with H = W = kh = kw = 1.
+
+    Spikes are rare, so s is searched in two passes: the bitwise OR of STRIPES stripes of
+    s (elementwise, so vectorized), then only the columns where that is nonzero.
+    """
+    channels, bits = kernel.shape[0] // offsets.shape[1], s.view(np.int32)
+    width = (s.size + STRIPES - 1) // STRIPES
+    seen[:width] = 0
+    for stripe in range(STRIPES):
+        part = bits[stripe * width : (stripe + 1) * width]
+        for j in range(part.size):
+            seen[j] |= part[j]
+    for j in range(width):
+        if seen[j] == 0:
+            continue
+        for i in range(j, s.size, width):
+            if s[i] != 0:
+                _add_taps(s[i], first + i, channels, kernel, offsets, rows, z)
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"contract"})
+def _add_taps(value, neuron, channels, kernel, offsets, rows, z) -> None:
+    """z[offset:offset + K] += value * kernel[row] for each tap of ``neuron``."""
+    pixel, c = divmod(neuron, channels)
+    for tap in range(offsets.shape[1]):
+        base = offsets[pixel, tap]
+        if base < 0:
+            break
+        row = rows[pixel, tap] + c
+        for k in range(kernel.shape[1]):
+            z[base + k] += value * kernel[row, k]
+
+
 @numba.njit(nogil=True, cache=True)
-def run_population(y, b_in, b_out, scale, neuron, dt, amplitude, voltage0, refractory0, decays, gains, outs, rates):
-    """Run one neuron population over all steps, each of its synapses fused in.
+def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, voltage0, refractory0, decays,
+                   gains, outs, n_outs, rates, kernel, offsets, rows, z):
+    """Run one neuron population over all steps, its synapses fused in.
 
     y: the layer's linear output, (B, T, N) float32, or (B, 1, N) for an input that is the
-    same at every step; b_in, b_out, voltage0, refractory0: (N,) (see ``_current``; the
-    initial neuron state); scale: the converter's gain on J; neuron: a value of NEURONS;
-    dt (s); amplitude: output per unit rate (spikes give amplitude / dt); decays, gains:
-    (K,) the synapses' a and b = 1 - a (a NaN: no synapse).
-    Writes outs[k] (B, T, N): the output through synapse k, and rates (B, T): the mean
-    output over the neurons, times ``scale`` (Hz for spiking neurons).
+    same at every step; input_synapse: (a, b) of a lowpass on y (NaN: none), for a y that
+    is the linear op of the layer below's unfiltered output; b_in, b_out, voltage0,
+    refractory0: (N,) (see ``_current``; the initial neuron state); scale: the
+    converter's gain on J; neuron: a value of NEURONS; dt (s); amplitude: output per unit
+    rate (spikes give amplitude / dt); decays, gains: (K,) the synapses' a and b = 1 - a
+    (a NaN: no synapse).
+    Writes outs[k] (B, T, N) for k < n_outs: the output through synapse k; rates (B, T):
+    the mean output over the neurons, times ``scale`` (Hz for spiking neurons); and, where
+    z is not empty (B, T, M), adds each nonzero output through ``kernel`` at ``offsets``
+    and ``rows`` (see ``_project``) to z: the next layer's linear op, event by event.
     """
-    n_images, n_steps, n_neurons = outs[0].shape
+    n_images, n_steps = rates.shape
+    n_neurons = y.shape[2]
     constant = y.shape[1] == 1
+    filter_input = not np.isnan(input_synapse[0])
+    project = z.shape[2] > 0
     amp_dt = amplitude / dt
     J = np.empty(BLOCK, np.float32)
     s = np.empty(BLOCK, np.float32)
     voltage = np.empty(BLOCK, np.float32)
     refractory = np.empty(BLOCK, np.float32)
-    filtered = np.empty((len(outs), BLOCK), np.float32)
+    current = np.empty(BLOCK, np.float32)
+    filtered = np.empty((n_outs, BLOCK), np.float32)
+    seen = np.empty(BLOCK // STRIPES, np.int32)
     totals = np.zeros((n_images, n_steps))
     for image in range(n_images):
+        if project:  # zeroed here, just before the scatter, so that it finds z in cache
+            z[image] = 0
         for start in range(0, n_neurons, BLOCK):
             stop = min(start + BLOCK, n_neurons)
             w = stop - start
             voltage[:w] = voltage0[start:stop]
             refractory[:w] = refractory0[start:stop]
             filtered[:, :w] = 0
+            current[:w] = 0
             for t in range(n_steps):
-                if t == 0 or not constant:
+                if filter_input:
+                    _emit(y[image, t, start:stop], current[:w], input_synapse[0], input_synapse[1], s[:w])
+                    _current(s[:w], b_in[start:stop], b_out[start:stop], scale, J[:w])
+                elif t == 0 or not constant:
                     _current(y[image, 0 if constant else t, start:stop], b_in[start:stop], b_out[start:stop], scale,
                              J[:w])
                 if neuron == 0:
@@ -127,8 +185,10 @@ def run_population(y, b_in, b_out, scale, neuron, dt, amplitude, voltage0, refra
                 else:
                     s[:w] = J[:w]
                 totals[image, t] += _sum(s[:w])
-                for k in range(len(outs)):
+                for k in range(n_outs):
                     _emit(s[:w], filtered[k, :w], decays[k], gains[k], outs[k][image, t, start:stop])
+                if project:
+                    _project(s[:w], start, kernel, offsets, rows, seen, z[image, t])
     for image in range(n_images):
         for t in range(n_steps):
             rates[image, t] = totals[image, t] / n_neurons * scale
