@@ -412,6 +412,9 @@ class FastSpikingNetwork:
             if incoming is not None:
                 z = self._buffer(index, (n, steps, int(np.prod(incoming.shape))))
                 outs, taus, projection = (), (), (incoming.kernel, incoming.offsets, incoming.rows, z)
+            elif index == len(self.steps) - 1 and s.probe_synapse == s.synapse:  # the probe reads what the GAP reads
+                outs, taus, projection = (features.reshape(n, steps, size),), (s.synapse,), ()
+                x = features
             else:
                 filtered = self._buffer(index, (n, steps) + neuron_shape)
                 outs, taus, projection = (filtered.reshape(n, steps, size),), (s.synapse,), ()
@@ -421,10 +424,11 @@ class FastSpikingNetwork:
             self._neurons(index, y.reshape(n, -1, size), neuron_shape, outs, taus, rates[:, :, layer],
                           filtered_input, projection)
             layer += 1
+        x = x if isinstance(x, np.ndarray) else _as_array(x)
         if not self.steps[-1].neurons:  # a linear feature layer after the last neurons
-            self._lowpass(_as_array(x).reshape(n, steps, -1), features.reshape(n, steps, -1), s.probe_synapse)
-        pooled = tf.reduce_mean(x, axis=(2, 3))  # GAP of what the Dense reads: (B, T, C)
-        logits[:] = tf.tensordot(pooled, self.head.weights, axes=1) + self.head.bias
+            self._lowpass(x.reshape(n, steps, -1), features.reshape(n, steps, -1), s.probe_synapse)
+        pooled = x.mean(axis=(2, 3), dtype=np.float32)  # GAP of what the Dense reads: (B, T, C)
+        logits[:] = pooled @ self.head.weights + self.head.bias
 
     def _buffer(self, key: int, shape: tuple[int, ...]) -> np.ndarray:
         """This thread's aligned buffer ``key`` of ``shape``, reused from batch to batch: a
