@@ -9,6 +9,11 @@ XLA-compiled ``tf.scan``, ~15 ms here).
 
 Arithmetic is nengo-dl's, in float32 and in the same order, so spike counts agree with
 ``nengo_dl.Simulator`` up to float ties (see ``transforms.fast_engine``).
+
+A spiking population can also run the next layer's Conv2D or Dense as it goes
+(``_project``): each nonzero output adds its value times the kernel taps it reaches to the
+next layer's input, which that layer's scan then filters through the synapse. The sums
+come in another order than a convolution's, so they differ from it by float rounding.
 """
 
 from __future__ import annotations
