@@ -11,12 +11,14 @@ import xarray as xr
 from scipy import ndimage
 
 from tests.conftest import run_cli
+from transforms import summary
 from transforms.statistics import (
     StatisticsSettings,
     image_statistics,
     image_statistics_threaded,
     settled_step,
 )
+from transforms.summary import dataset_summary
 
 
 def test_settled_step_by_hand():
@@ -197,3 +199,11 @@ def test_statistics_in_threads_equal_those_in_one_call():
     assert threaded.keys() == expected.keys()
     for name, values in expected.items():
         np.testing.assert_array_equal(threaded[name], values, err_msg=name)
+
+
+@pytest.mark.parametrize("read_bytes", [1, 20_000])  # one chunk per read; two of cam_iou's 8-image chunks
+def test_summary_read_in_blocks_of_chunks_equals_one_read(spiking_store, monkeypatch, read_bytes):
+    ds = xr.open_zarr(spiking_store, chunks=None)
+    whole = dataset_summary(ds)
+    monkeypatch.setattr(summary, "READ_BYTES", read_bytes)
+    xr.testing.assert_identical(dataset_summary(ds), whole)

@@ -14,13 +14,18 @@ import xarray as xr
 
 from transforms.store import STATUS_DONE, SUMMARY
 
+READ_BYTES = 64e6  # the most of a variable read at once (whole image chunks, at least one)
+
 
 def _true_class(ds: xr.Dataset, name: str, rows: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Values of per-class variable ``name`` for (image ``rows``, class ``classes``) pairs,
-    read one of the store's image chunks at a time. Returns (len(rows), ...) float64."""
+    read a block of the store's image chunks (~``READ_BYTES``) at a time: in one read each,
+    zarr fetches a block's chunks concurrently. Returns (len(rows), ...) float64."""
     variable = ds[name].transpose("image", "class", ...)
     size = variable.sizes["image"]
-    step = ds[name].encoding.get("preferred_chunks", {}).get("image", size) or 1
+    chunk = ds[name].encoding.get("preferred_chunks", {}).get("image", size) or 1
+    chunk_bytes = chunk * variable.dtype.itemsize * int(np.prod(variable.shape[1:]))
+    step = chunk * max(1, int(READ_BYTES // max(chunk_bytes, 1)))
     bounds = list(range(0, size, step)) + [size]
     parts = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
