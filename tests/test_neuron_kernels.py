@@ -91,7 +91,7 @@ def test_input_synapse_filters_y_with_a_one_step_delay():
     ((11, 9, 3), (5, 3), (2, 1), "SAME"),
     ((10, 7, 2), (2, 2), (3, 2), "SAME"),
     ((9, 12, 4), (3, 4), (2, 3), "VALID"),
-    ((1, 1, 300), (1, 1), (1, 1), "VALID"),  # a Dense layer
+    ((1, 1, BLOCK + 300), (1, 1), (1, 1), "VALID"),  # a Dense layer, its inputs over two blocks
 ])
 def test_projection_of_sparse_outputs_equals_tensorflows_convolution(shape, kernel, strides, padding):
     rng = np.random.default_rng(6)

@@ -217,7 +217,7 @@ def _taps(step: Step, kernel: np.ndarray, in_shape: tuple[int, int, int], out_sh
     return offsets, rows
 
 
-def projections(steps: list[Step], input_shape: tuple[int, ...]) -> dict[int, Projection]:
+def projections(steps: list[Step]) -> dict[int, Projection]:
     """For each neuron step whose output reaches the next neuron layer's Conv2D or Dense
     through reshapes and identities only: that step, as a Projection (keyed by the source
     step's index)."""
@@ -314,7 +314,7 @@ class FastSpikingNetwork:
         if not any(step.neurons for step in self.steps):
             raise UnsupportedNetwork("no neuron layer before the feature map")
         self._states = _initial_states(converted, self.neuron_layers)
-        self._projections = projections(self.steps, head.input_shape) if settings.neuron in SPIKING else {}
+        self._projections = projections(self.steps) if settings.neuron in SPIKING else {}
         self._biases: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._workspace = threading.local()
         self._pool = ThreadPoolExecutor(concurrent_batches) if concurrent_batches > 1 else None

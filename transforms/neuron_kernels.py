@@ -160,12 +160,12 @@ def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, 
     s = np.empty(BLOCK, np.float32)
     voltage = np.empty(BLOCK, np.float32)
     refractory = np.empty(BLOCK, np.float32)
-    current = np.empty(BLOCK, np.float32)
+    filtered_in = np.empty(BLOCK, np.float32)  # the input synapse's state
     filtered = np.empty((n_outs, BLOCK), np.float32)
     seen = np.empty(BLOCK // STRIPES, np.int32)
     totals = np.zeros((n_images, n_steps))
     for image in range(n_images):
-        if project:  # zeroed here, just before the scatter, so that it finds z in cache
+        if project:  # each image's spikes add up from zero
             z[image] = 0
         for start in range(0, n_neurons, BLOCK):
             stop = min(start + BLOCK, n_neurons)
@@ -173,10 +173,10 @@ def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, 
             voltage[:w] = voltage0[start:stop]
             refractory[:w] = refractory0[start:stop]
             filtered[:, :w] = 0
-            current[:w] = 0
+            filtered_in[:w] = 0
             for t in range(n_steps):
                 if filter_input:
-                    _emit(y[image, t, start:stop], current[:w], input_synapse[0], input_synapse[1], s[:w])
+                    _emit(y[image, t, start:stop], filtered_in[:w], input_synapse[0], input_synapse[1], s[:w])
                     _current(s[:w], b_in[start:stop], b_out[start:stop], scale, J[:w])
                 elif t == 0 or not constant:
                     _current(y[image, 0 if constant else t, start:stop], b_in[start:stop], b_out[start:stop], scale,
