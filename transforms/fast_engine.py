@@ -303,8 +303,9 @@ class FastSpikingNetwork:
 
     def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings, concurrent_batches: int = 2):
         """concurrent_batches: minibatches simulated at once, from as many threads (every
-        batch runs in one of them, so there are as many sets of layer buffers, ~250 MB each
-        for the shipped model at batch 16 x 30 steps). A scan runs on one core, so a second
+        batch runs in one of them, so there are as many sets of layer buffers, each ~125 MB
+        for the shipped model at batch 16 x 30 steps with spiking neurons, ~250 MB with rate
+        neurons). A scan runs on one core, so a second
         batch in flight keeps another core busy while the first convolves or scans."""
         self.head = head
         self.settings = settings
