@@ -348,13 +348,14 @@ class FastSpikingNetwork:
         scale = np.float32(s.scale_firing_rates)
         zeros = np.zeros(y.shape[2], np.float32)
         b_in, b_out = self._bias_terms(index, neuron_shape)
-        input_synapse = np.array(_synapses((s.synapse if filtered_input else None,), s.dt)).ravel()
-        self._population(y, input_synapse, b_in, b_out, scale, s.neuron, 1 / scale, state.get("voltage", zeros),
-                         state.get("refractory_time", zeros), taus, outs, rates, projection)
+        self._population(y, s.synapse if filtered_input else None, b_in, b_out, scale, s.neuron, 1 / scale,
+                         state.get("voltage", zeros), state.get("refractory_time", zeros), taus, outs, rates, projection)
 
-    def _population(self, y, input_synapse, b_in, b_out, scale, neuron, amplitude, voltage, refractory, taus, outs,
+    def _population(self, y, input_tau, b_in, b_out, scale, neuron, amplitude, voltage, refractory, taus, outs,
                     rates, projection) -> None:
-        """``neuron_kernels.run_population`` with every argument in the one type it is compiled for."""
+        """``neuron_kernels.run_population`` with every argument in the one type it is compiled
+        for; input_tau: the lowpass on y, None for none."""
+        input_synapse = np.array(_synapses((input_tau,), self.settings.dt)).ravel()
         decays, gains = _synapses(taus, self.settings.dt)
         padded = np.full(2, np.nan, np.float32)
         outs = tuple(outs) + (_NONE,) * (2 - len(outs))
@@ -368,8 +369,8 @@ class FastSpikingNetwork:
     def _lowpass(self, x: np.ndarray, out: np.ndarray, tau: float | None) -> None:
         """x (B, T, N) through a lowpass synapse ``tau`` into ``out`` (B, T, N)."""
         zeros = np.zeros(x.shape[2], np.float32)
-        self._population(x, np.full(2, np.nan, np.float32), zeros, zeros, 1, "identity", 1, zeros, zeros, (tau,),
-                         (out,), np.empty(x.shape[:2], np.float32), ())
+        self._population(x, None, zeros, zeros, 1, "identity", 1, zeros, zeros, (tau,), (out,),
+                         np.empty(x.shape[:2], np.float32), ())
 
     def _linear(self, step: Step, x: tf.Tensor) -> tf.Tensor:
         """The step's linear op on (N, ...) values, without bias."""
