@@ -50,13 +50,16 @@ def numpy_scan(y, b_in, b_out, scale, dt, amplitude, voltage, decays, gains, n_s
 
 
 @pytest.mark.parametrize("constant", [True, False])
-def test_spiking_scan_equals_numpy_loop_over_blocks(constant):
+@pytest.mark.parametrize("start", [(0, 1), (-0.5, 1.5)])
+def test_spiking_scan_equals_numpy_loop_over_blocks(constant, start):
+    """On a constant input, only neurons that may spike run (a third here have J <= 0);
+    starting voltages outside [0, 1) make some of those spike or go negative all the same."""
     rng = np.random.default_rng(4)
     images, steps, neurons = 3, 7, 2 * BLOCK + 123
     y = rng.normal(0.2, 0.5, (images, 1 if constant else steps, neurons)).astype(F32)
     b_in = rng.normal(0, 0.1, neurons).astype(F32)
     b_out = np.zeros(neurons, F32)
-    voltage = rng.random(neurons, dtype=F32)
+    voltage = rng.uniform(*start, neurons).astype(F32)
     decay = math.exp(-0.001 / 0.005)
     decays, gains = np.array([decay, np.nan], F32), np.array([1 - decay, np.nan], F32)
     scale, dt, amplitude = F32(100), F32(0.001), F32(1 / F32(100))

@@ -17,6 +17,7 @@ population's scan instead: each spike adds its value times the kernel taps it re
 the next layer's input. The synapse commutes with the linear op, so it filters that input
 in the next scan. For the shipped model this does ~1/20 of the dense convolutions'
 multiply-adds and runs the engine ~2.5x faster; rate neurons keep the dense convolutions.
+On a constant input (the first layer), spiking neurons that cannot spike skip the scan.
 
 It reproduces the converted network exactly as NengoDL builds it:
 
