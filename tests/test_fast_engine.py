@@ -15,6 +15,7 @@ from pipeline.sample import SAMPLE_MODEL
 from tests.map_helpers import pearson
 from transforms.cam import class_activation_maps
 from transforms.fast_engine import (
+    DENSE_ABOVE,
     FastSpikingNetwork,
     effective_settings,
     plan,
@@ -89,14 +90,14 @@ def test_projected_net_runs_its_spikes_through_every_layer_event_by_event():
     assert sorted(projections(steps)) == neuron_steps[:-1]
 
 
-def _run_both(model, settings, images):
+def _run_both(model, settings, images, dense_above=DENSE_ABOVE):
     head = find_cam_head(model)
     reference = SpikingNetwork(model, head, settings)
     try:
         expected = reference.run(images)
     finally:
         reference.close()
-    return head, expected, FastSpikingNetwork(model, head, settings).run(images)
+    return head, expected, FastSpikingNetwork(model, head, settings, dense_above=dense_above).run(images)
 
 
 def _images(shape, n=6, seed=0) -> np.ndarray:
@@ -118,14 +119,17 @@ def test_rate_neurons_match_to_1e5_at_every_step(network, synapse):
 @pytest.mark.parametrize("network", NETWORKS)
 @pytest.mark.parametrize("neuron", ["spiking-relu", "lif"])
 @pytest.mark.parametrize("synapse", [None, 0.005])
-def test_spiking_neurons_match_spike_counts_and_cams(network, neuron, synapse):
+@pytest.mark.parametrize("dense_above", [np.inf, 0.0], ids=["event", "dense"])
+def test_spiking_neurons_match_spike_counts_and_cams(network, neuron, synapse, dense_above):
+    """Spikes through the next layer event by event (dense_above = inf), or through
+    TensorFlow's dense op (0: every image with a spike)."""
     model = NETWORKS[network]()
     shape = model.input_shape[1:]
     images = _images(shape, n=8)
     # Spike counts: probe the feature layer unfiltered, so its output is spikes * amplitude / dt.
     raw = SpikingSettings(neuron=neuron, n_steps=25, synapse=synapse, probe_synapse=None,
                           scale_firing_rates=50, batch_size=8)
-    _, (features, _, _), (f, _, _) = _run_both(model, raw, images)
+    _, (features, _, _), (f, _, _) = _run_both(model, raw, images, dense_above)
     to_counts = raw.dt * raw.scale_firing_rates
     counts, fast_counts = np.rint(features.sum(1) * to_counts), np.rint(f.sum(1) * to_counts)
     assert counts.sum() > 100, "the test network should spike"
@@ -133,13 +137,33 @@ def test_spiking_neurons_match_spike_counts_and_cams(network, neuron, synapse):
     # CAMs from the filtered feature maps correlate >= 0.999 at every step where defined.
     filtered = SpikingSettings(neuron=neuron, n_steps=25, synapse=synapse, probe_synapse=0.01,
                                scale_firing_rates=50, batch_size=8)
-    head, (features, logits, _), (f, lg, _) = _run_both(model, filtered, images)
+    head, (features, logits, _), (f, lg, _) = _run_both(model, filtered, images, dense_above)
     cam, fast_cam = class_activation_maps(features, head.weights), class_activation_maps(f, head.weights)
     correlation = pearson(fast_cam, cam)  # (image, step, class)
     defined = ~np.isnan(pearson(cam, cam))
     assert defined[:, -5:].all()
     assert np.nanmin(np.where(defined, correlation, np.nan)) >= 0.999
     np.testing.assert_allclose(lg[:, -1], logits[:, -1], rtol=1e-3, atol=1e-3 * np.abs(logits).max())
+
+
+def test_images_take_either_path_by_their_own_spikes_alone():
+    """In one batch, quiet images go event by event and busy ones through the dense op
+    (above 1% of their outputs nonzero here), and each image's outputs are those it gets
+    alone in its batch."""
+    model = projected_net()
+    head = find_cam_head(model)
+    settings = SpikingSettings(n_steps=12, scale_firing_rates=50, batch_size=4)
+    contrast = np.array([0.02, 1.0, 0.05, 2.0], np.float32)[:, None, None, None]
+    images = _images(model.input_shape[1:], n=4) * contrast
+    engine = FastSpikingNetwork(model, head, settings, concurrent_batches=1, dense_above=0.01)
+    taken = []
+    run = engine._dense_projection
+    engine._dense_projection = lambda index, *args: (taken.append(index), run(index, *args))[1]
+    together = engine.run(images)
+    assert taken and len(taken) < 4 * len(projections(engine.steps)), "both paths should be taken"
+    for i in range(4):
+        for got, alone in zip(together, engine.run(images[i : i + 1])):
+            np.testing.assert_array_equal(got[i], alone[0])
 
 
 def test_shipped_model_matches_nengo_dl(sample_images):

@@ -23,11 +23,15 @@ NO_PROJECTION = (np.empty((0, 0), F32), NO_TAPS, NO_TAPS, np.empty((0, 0, 0), F3
 
 
 def scan(y, b_in, b_out, scale, neuron, dt, amplitude, voltage, outs, rates, input_synapse=NAN2,
-         decays=NAN2, gains=NAN2, projection=NO_PROJECTION):
-    """run_population with its padded arguments filled in (outs: one or two arrays)."""
+         decays=NAN2, gains=NAN2, projection=NO_PROJECTION, limit=None):
+    """run_population with its padded arguments filled in (outs: one or two arrays; limit:
+    every output by default); returns its dense flags."""
+    limit = rates.shape[1] * y.shape[2] if limit is None else limit
     padded = tuple(outs) + (np.empty((0, 0, 0), F32),) * (2 - len(outs))
+    dense = np.zeros(len(y), np.uint8)
     run_population(y, input_synapse, b_in, b_out, scale, NEURONS[neuron], dt, amplitude, voltage,
-                   np.zeros_like(voltage), decays, gains, padded, len(outs), rates, *projection)
+                   np.zeros_like(voltage), decays, gains, padded, len(outs), rates, *projection, limit, dense)
+    return dense
 
 
 def numpy_scan(y, b_in, b_out, scale, dt, amplitude, voltage, decays, gains, n_steps):
@@ -109,3 +113,25 @@ def test_projection_of_sparse_outputs_equals_tensorflows_convolution(shape, kern
     scan(x.reshape(images, steps, size), zeros, zeros, F32(1), "identity", F32(0.001), F32(1), zeros, (),
          np.empty((images, steps), F32), projection=(weights.reshape(-1, n_out), offsets, rows, z))
     np.testing.assert_allclose(z.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_image_over_the_limit_is_flagged_and_left_to_the_dense_op():
+    """Images with more nonzero outputs than the limit stop, flagged, their z and rates
+    unwritten; the others' z equals TensorFlow's convolution."""
+    rng = np.random.default_rng(7)
+    shape, steps, n_out = (12, 10, 4), 5, 3
+    density = np.array([0.01, 0.4, 0.05, 0.3])[:, None, None, None, None]
+    x = rng.normal(0, 1, (4, steps) + shape).astype(F32) * (rng.random((4, steps) + shape) < density)
+    nonzero = (x != 0).reshape(4, -1).sum(axis=1)
+    limit = int(nonzero[2] + nonzero[3]) // 2
+    weights = rng.normal(0, 1, (3, 3, shape[2], n_out)).astype(F32)
+    expected = tf.nn.conv2d(x.reshape((-1,) + shape), weights, 1, "SAME").numpy().reshape(4, steps, -1)
+    offsets, rows = _taps(Step("c", "conv", True, padding="SAME"), weights, shape, shape[:2] + (n_out,))
+    z = np.full(expected.shape, np.nan, F32)
+    rates = np.full((4, steps), np.nan, F32)
+    size, zeros = int(np.prod(shape)), np.zeros(int(np.prod(shape)), F32)
+    dense = scan(x.reshape(4, steps, size), zeros, zeros, F32(1), "identity", F32(0.001), F32(1), zeros, (), rates,
+                 projection=(weights.reshape(-1, n_out), offsets, rows, z), limit=limit)
+    np.testing.assert_array_equal(dense, [0, 1, 0, 1])
+    np.testing.assert_allclose(z[[0, 2]], expected[[0, 2]], rtol=1e-5, atol=1e-5)
+    assert np.isnan(z[[1, 3]]).all() and np.isnan(rates[[1, 3]]).all() and not np.isnan(rates[[0, 2]]).any()

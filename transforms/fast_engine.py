@@ -17,7 +17,10 @@ population's scan instead: each spike adds its value times the kernel taps it re
 the next layer's input. The synapse commutes with the linear op, so it filters that input
 in the next scan. For the shipped model this does ~1/20 of the dense convolutions'
 multiply-adds and runs the engine ~2.5x faster; rate neurons keep the dense convolutions.
-On a constant input (the first layer), spiking neurons that cannot spike skip the scan.
+Where an image's spikes are dense (``DENSE_ABOVE``), events cost more than the dense op,
+so that image's population stops recording them and runs again into a buffer that
+TensorFlow's op reads. On a constant input (the first layer), spiking neurons that
+cannot spike skip the scan.
 
 It reproduces the converted network exactly as NengoDL builds it:
 
@@ -61,6 +64,13 @@ LINEAR = (tf_keras.activations.linear, None)
 
 _NONE = np.empty((0, 0, 0), np.float32)  # an absent output or projection target
 _NO_KERNEL, _NO_TAPS = np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
+# An image whose population has more nonzero outputs than this share of its neuron-steps
+# sends them through TensorFlow's dense linear op instead of event by event. Measured on
+# the shipped model, layer by layer: an event costs ~10-30x a dense multiply-add (more
+# where spikes spread over the whole map), so the two break even at 3-6% nonzero; above
+# 8%, no image of the sample (at most ~5%) goes dense, and noise images of contrast 0.3-1
+# (10-50% nonzero) run at 85-110 images/s instead of 40-65 event by event.
+DENSE_ABOVE = 0.08
 
 
 class UnsupportedNetwork(ValueError):
@@ -302,12 +312,14 @@ class FastSpikingNetwork:
     Same interface as ``transforms.spiking.SpikingNetwork``.
     """
 
-    def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings, concurrent_batches: int = 2):
+    def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings, concurrent_batches: int = 2,
+                 dense_above: float = DENSE_ABOVE):
         """concurrent_batches: minibatches simulated at once, from as many threads (every
         batch runs in one of them, so there are as many sets of layer buffers, each ~125 MB
-        for the shipped model at batch 16 x 30 steps with spiking neurons, ~250 MB with rate
-        neurons). A scan runs on one core, so a second
-        batch in flight keeps another core busy while the first convolves or scans."""
+        for the shipped model at batch 16 x 30 steps with spiking neurons, up to ~350 MB
+        once images have gone dense, ~250 MB with rate neurons). A scan runs on one core,
+        so a second batch in flight keeps another core busy while the first convolves or
+        scans. dense_above: ``DENSE_ABOVE`` (inf: always event by event; 0: always dense)."""
         self.head = head
         self.settings = settings
         converted = convert(model, head, settings)
@@ -317,6 +329,7 @@ class FastSpikingNetwork:
             raise UnsupportedNetwork("no neuron layer before the feature map")
         self._states = _initial_states(converted, self.neuron_layers)
         self._projections = projections(self.steps) if settings.neuron in SPIKING else {}
+        self.dense_above = dense_above
         self._biases: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._workspace = threading.local()
         self._pool = ThreadPoolExecutor(concurrent_batches) if concurrent_batches > 1 else None
@@ -337,41 +350,71 @@ class FastSpikingNetwork:
 
     def _neurons(self, index: int, y: np.ndarray, neuron_shape: tuple[int, ...], outs: tuple[np.ndarray, ...],
                  taus: tuple, rates: np.ndarray, filtered_input: bool = False,
-                 projection: tuple[np.ndarray, ...] = ()) -> None:
+                 projection: Projection | None = None, z: np.ndarray = _NONE) -> np.ndarray:
         """Run step ``index``'s neurons on its linear output ``y`` (B, T, N), or (B, 1, N) if
         the same at every step; write the output through each synapse of ``taus`` to
         ``outs`` (B, T, N) and the mean firing rate (Hz) to ``rates`` (B, T).
 
         filtered_input: y is the linear op of the layer below's spikes, to be filtered by
-        the synapse here; projection: (kernel, offsets, rows, z) to add this layer's spikes
-        through the next layer's linear op to z (see ``neuron_kernels._project``)."""
+        the synapse here; projection: this layer's spikes through the next layer's linear
+        op into z (B, T, M), event by event (``neuron_kernels._project``), for each image
+        with at most ``dense_above`` of its outputs nonzero. Returns the next layer's input
+        (B, T, M): z, with the other images' rows from ``_dense_projection``."""
         s, state = self.settings, self._states[self.steps[index].name]
         scale = np.float32(s.scale_firing_rates)
         zeros = np.zeros(y.shape[2], np.float32)
         b_in, b_out = self._bias_terms(index, neuron_shape)
-        self._population(y, s.synapse if filtered_input else None, b_in, b_out, scale, s.neuron, 1 / scale,
-                         state.get("voltage", zeros), state.get("refractory_time", zeros), taus, outs, rates, projection)
+        limit = int(min(self.dense_above, 1) * y.shape[2] * s.n_steps) if projection else 0
+        dense = self._population(y, s.synapse if filtered_input else None, b_in, b_out, scale, s.neuron, 1 / scale,
+                                 state.get("voltage", zeros), state.get("refractory_time", zeros), taus, outs, rates,
+                                 projection, z, limit)
+        images = np.flatnonzero(dense)
+        if not len(images):
+            return z
+        return self._dense_projection(index, y, neuron_shape, rates, filtered_input, projection, z, images)
+
+    def _dense_projection(self, index: int, y: np.ndarray, neuron_shape: tuple[int, ...], rates: np.ndarray,
+                          filtered_input: bool, projection: Projection, z: np.ndarray, images: np.ndarray
+                          ) -> np.ndarray:
+        """``_neurons`` for ``images``, whose spikes go through TensorFlow's dense linear op:
+        into a buffer, then that op on them. Returns z with their rows replaced, or the op's
+        output itself where every image is one of them. (An image's values are the same
+        whichever others share the op: checked in the tests.)"""
+        steps, every = self.settings.n_steps, len(images) == len(y)
+        spikes = self._buffer(("spikes", index), (len(y), steps, y.shape[2]))[: len(images)]
+        part_rates = np.empty((len(images), steps), np.float32)
+        self._neurons(index, y if every else y[images], neuron_shape, (spikes,), (None,), part_rates, filtered_input)
+        rates[images] = part_rates
+        step, shape = self.steps[projection.target], self.steps[projection.target - 1].output_shape
+        linear = _as_array(self._linear(step, tf.reshape(_as_tensor(spikes), (-1,) + shape)))
+        if every:
+            return linear.reshape(z.shape)
+        z[images] = linear.reshape((len(images),) + z.shape[1:])
+        return z
 
     def _population(self, y, input_tau, b_in, b_out, scale, neuron, amplitude, voltage, refractory, taus, outs,
-                    rates, projection) -> None:
+                    rates, projection: Projection | None = None, z: np.ndarray = _NONE, limit: int = 0) -> np.ndarray:
         """``neuron_kernels.run_population`` with every argument in the one type it is compiled
-        for; input_tau: the lowpass on y, None for none."""
+        for; input_tau: the lowpass on y, None for none. Returns its ``dense`` flags."""
         input_synapse = np.array(_synapses((input_tau,), self.settings.dt)).ravel()
         decays, gains = _synapses(taus, self.settings.dt)
         padded = np.full(2, np.nan, np.float32)
         outs = tuple(outs) + (_NONE,) * (2 - len(outs))
-        kernel, offsets, rows, z = projection or (_NO_KERNEL, _NO_TAPS, _NO_TAPS, _NONE)
+        kernel, offsets, rows, z = (projection.kernel, projection.offsets, projection.rows, z) if projection else (
+            _NO_KERNEL, _NO_TAPS, _NO_TAPS, _NONE)
+        dense = np.zeros(len(y), np.uint8)
         neuron_kernels.run_population(
             _readonly(y), input_synapse, b_in, b_out, np.float32(scale), neuron_kernels.NEURONS[neuron],
             np.float32(self.settings.dt), np.float32(amplitude), voltage, refractory,
             np.concatenate([decays, padded])[:2], np.concatenate([gains, padded])[:2], outs, len(taus), rates, kernel,
-            offsets, rows, z)
+            offsets, rows, z, limit, dense)
+        return dense
 
     def _lowpass(self, x: np.ndarray, out: np.ndarray, tau: float | None) -> None:
         """x (B, T, N) through a lowpass synapse ``tau`` into ``out`` (B, T, N)."""
         zeros = np.zeros(x.shape[2], np.float32)
         self._population(x, None, zeros, zeros, 1, "identity", 1, zeros, zeros, (tau,), (out,),
-                         np.empty(x.shape[:2], np.float32), ())
+                         np.empty(x.shape[:2], np.float32))
 
     def _linear(self, step: Step, x: tf.Tensor) -> tf.Tensor:
         """The step's linear op on (N, ...) values, without bias."""
@@ -414,18 +457,18 @@ class FastSpikingNetwork:
             incoming = self._projections.get(index)
             if incoming is not None:
                 z = self._buffer(index, (n, steps, int(np.prod(incoming.shape))))
-                outs, taus, projection = (), (), (incoming.kernel, incoming.offsets, incoming.rows, z)
+                outs, taus = (), ()
             elif index == len(self.steps) - 1 and s.probe_synapse == s.synapse:  # the probe reads what the GAP reads
-                outs, taus, projection = (features.reshape(n, steps, size),), (s.synapse,), ()
+                outs, taus = (features.reshape(n, steps, size),), (s.synapse,)
                 x = features
             else:
                 filtered = self._buffer(index, (n, steps) + neuron_shape)
-                outs, taus, projection = (filtered.reshape(n, steps, size),), (s.synapse,), ()
+                outs, taus = (filtered.reshape(n, steps, size),), (s.synapse,)
                 if index == len(self.steps) - 1:  # the feature layer's own neurons: the probe reads them too
                     outs, taus = outs + (features.reshape(n, steps, size),), taus + (s.probe_synapse,)
                 x, over_time = _as_tensor(filtered), True
-            self._neurons(index, y.reshape(n, -1, size), neuron_shape, outs, taus, rates[:, :, layer],
-                          filtered_input, projection)
+            z = self._neurons(index, y.reshape(n, -1, size), neuron_shape, outs, taus, rates[:, :, layer],
+                              filtered_input, incoming, z)
             layer += 1
         x = x if isinstance(x, np.ndarray) else _as_array(x)
         if not self.steps[-1].neurons:  # a linear feature layer after the last neurons

@@ -92,20 +92,16 @@ def _emit(s, filtered, a, b, out) -> None:
         filtered[i] = a * filtered[i] + b * s[i]
 
 
-@numba.njit(nogil=True, cache=True, fastmath={"contract"})
-def _project(s, neurons, kernel, offsets, rows, seen, z) -> None:
-    """Add the nonzero outputs ``s`` of ``neurons`` (their indices in the population)
-    through a convolution to ``z`` (one step's output, flat (OH, OW, K)).
-
-    kernel: (kh * kw * C, K), row (ky * kw + kx) * C + c; offsets, rows: (H * W, kh * kw),
-    for each input pixel the flat output offsets (oy * OW + ox) * K its kernel taps reach
-    (-1 past the last) and their kernel rows less the channel; seen: int32 scratch of
-    len(s) / STRIPES. A Dense layer is the convolution with H = W = kh = kw = 1.
+@numba.njit(nogil=True, cache=True)
+def _record(s, neurons, seen, where, values, count) -> int:
+    """Append the nonzero outputs ``s`` of ``neurons`` (their indices in the population) to
+    ``where`` and ``values`` from ``count`` on; return the new count. seen: int32 scratch
+    of len(s) / STRIPES.
 
     Spikes are rare, so s is searched in two passes: the bitwise OR of STRIPES stripes of
     s (elementwise, so vectorized), then only the columns where that is nonzero.
     """
-    channels, bits = kernel.shape[0] // offsets.shape[1], s.view(np.int32)
+    bits = s.view(np.int32)
     width = (s.size + STRIPES - 1) // STRIPES
     seen[:width] = 0
     for stripe in range(STRIPES):
@@ -117,7 +113,24 @@ def _project(s, neurons, kernel, offsets, rows, seen, z) -> None:
             continue
         for i in range(j, s.size, width):
             if s[i] != 0:
-                _add_taps(s[i], neurons[i], channels, kernel, offsets, rows, z)
+                where[count], values[count] = neurons[i], s[i]
+                count += 1
+    return count
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"contract"})
+def _project(where, values, first, stop, kernel, offsets, rows, z) -> None:
+    """Add recorded outputs ``first:stop`` (``_record``) through a convolution to ``z`` (one
+    step's output, flat (OH, OW, K)).
+
+    kernel: (kh * kw * C, K), row (ky * kw + kx) * C + c; offsets, rows: (H * W, kh * kw),
+    for each input pixel the flat output offsets (oy * OW + ox) * K its kernel taps reach
+    (-1 past the last) and their kernel rows less the channel. A Dense layer is the
+    convolution with H = W = kh = kw = 1.
+    """
+    channels = kernel.shape[0] // offsets.shape[1]
+    for event in range(first, stop):
+        _add_taps(values[event], where[event], channels, kernel, offsets, rows, z)
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"contract"})
@@ -158,7 +171,7 @@ def _active(y, b_in, b_out, scale, neuron, dt, voltage0, index) -> int:
 
 @numba.njit(nogil=True, cache=True)
 def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, voltage0, refractory0, decays,
-                   gains, outs, n_outs, rates, kernel, offsets, rows, z):
+                   gains, outs, n_outs, rates, kernel, offsets, rows, z, limit, dense):
     """Run one neuron population over all steps, its synapses fused in.
 
     y: the layer's linear output, (B, T, N) float32, or (B, 1, N) for an input that is the
@@ -171,9 +184,11 @@ def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, 
     Writes outs[k] (B, T, N) for k < n_outs: the output through synapse k; rates (B, T):
     the mean output over the neurons, times ``scale`` (Hz for spiking neurons); and, where
     z is not empty (B, T, M), adds each nonzero output through ``kernel`` at ``offsets``
-    and ``rows`` (see ``_project``) to z: the next layer's linear op, event by event.
-    Spiking neurons on a constant y run only where they may spike (``_active``); the rest
-    output zeros.
+    and ``rows`` (see ``_project``) to z: the next layer's linear op, event by event. An
+    image with more than ``limit`` nonzero outputs stops there, with dense[image] = 1 and
+    its z and rates left unwritten: event by event would cost it more than the dense
+    linear op. Spiking neurons on a constant y run only where they may spike
+    (``_active``); the rest output zeros.
     """
     n_images, n_steps = rates.shape
     n_neurons = y.shape[2]
@@ -191,14 +206,22 @@ def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, 
     filtered = np.empty((n_outs, BLOCK), np.float32)
     emitted = np.empty(BLOCK, np.float32)
     seen = np.empty(BLOCK // STRIPES, np.int32)
+    # An image's nonzero outputs, recorded block by block and step by step (``_record``),
+    # then added to z step by step, each step's row of z in cache while it fills.
+    capacity = limit + BLOCK if project else 0
+    where, values = np.empty(capacity, np.int64), np.empty(capacity, np.float32)
+    segments = np.empty(((n_neurons + BLOCK - 1) // BLOCK) * n_steps + 1, np.int64)  # (block, step) starts
     totals = np.zeros((n_images, n_steps))
     for image in range(n_images):
-        running = n_neurons
+        running, count = n_neurons, 0
+        dense[image] = 0
         if compact:
             running = _active(y[image, 0], b_in, b_out, scale, neuron, dt, voltage0, index)
             for k in range(n_outs):
                 outs[k][image] = 0
         for start in range(0, running, BLOCK):
+            if dense[image]:
+                break
             stop = min(start + BLOCK, running)
             w = stop - start
             neurons = index[start:stop]
@@ -235,11 +258,19 @@ def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, 
                     else:
                         _emit(s[:w], filtered[k, :w], decays[k], gains[k], outs[k][image, t, start:stop])
                 if project:
-                    if start == 0:  # each step's spikes add up from zero (zeroed here, it stays in cache)
-                        z[image, t] = 0
-                    _project(s[:w], neurons, kernel, offsets, rows, seen, z[image, t])
-        if project and running == 0:
-            z[image] = 0
+                    segments[(start // BLOCK) * n_steps + t] = count
+                    count = _record(s[:w], neurons, seen, where, values, count)
+                    if count > limit:
+                        dense[image] = 1
+                        break
+        if project and not dense[image]:
+            blocks = (running + BLOCK - 1) // BLOCK
+            segments[blocks * n_steps] = count
+            for t in range(n_steps):
+                z[image, t] = 0
+                for segment in range(t, blocks * n_steps, n_steps):  # the step's segment of each block
+                    _project(where, values, segments[segment], segments[segment + 1], kernel, offsets, rows,
+                             z[image, t])
     for image in range(n_images):
-        for t in range(n_steps):
+        for t in range(n_steps if not dense[image] else 0):
             rates[image, t] = totals[image, t] / n_neurons * scale
