@@ -8,7 +8,8 @@ and the end, the faster kept);
 ``nengo_dl.Simulator`` batched and one image at a time; the fast engine alone; the whole
 pipeline end to end (FnApiRunner: 1 worker, 1 worker with one TensorFlow thread, 1 worker
 confined to one core, 2 worker processes) with where its time goes; the steady-state
-pipelines in six rounds, each run between two runs of the engine alone;
+pipelines in six rounds, each run between two runs of the engine alone (and of the engine
+with the Keras reference pass, the pipeline's inference);
 peak memory of a worker for the dataset at 1x and 4x its size. Prints a table of ratios
 and writes it to ``docs/benchmarks.md``.
 """
@@ -32,7 +33,7 @@ from pipeline.sample import SAMPLE_DATASET, SAMPLE_MODEL, Canvases, write_plain_
 from transforms.fast_engine import FastSpikingNetwork
 from transforms.model_head import cam_model, find_cam_head, load_keras_model
 from transforms.nengo_shim import tf
-from transforms.spiking import SpikingNetwork, SpikingSettings
+from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
 
 BATCH = 16
 ROUNDS = 6  # single rounds of the share range over ~20 points on these machines: the median of 6 is steadier
@@ -140,24 +141,29 @@ def main(argv: list[str] | None = None) -> None:
     single.close()
     print(f"nengo_dl one image at a time {single_rate:.2f}/s", flush=True)
 
-    fast = FastSpikingNetwork(model, head, settings)
-    fast.run(x)  # warm-up
+    fast, reference = FastSpikingNetwork(model, head, settings), ReferenceNetwork(model, head)
+    fast.run(x), reference.run(x)  # warm-up
 
-    def engine_rate(chunk: int) -> float:
-        """The engine alone, sustained over as many images as a steady-state pipeline run,
-        in calls of one store chunk each, as the pipeline calls it."""
-        start = time.perf_counter()
+    def inference_rates(chunk: int) -> tuple[float, float]:
+        """(the engine alone, the engine and the Keras reference pass): images/s sustained
+        over as many images as a steady-state pipeline run, in calls of one store chunk
+        each, the reference after the engine, as the pipeline calls them."""
+        engine_s = reference_s = 0.0
         for _ in range(4):
             for first in range(0, n, chunk):
+                start = time.perf_counter()
                 fast.run(x[first : first + chunk])
-        return rate(4 * n, time.perf_counter() - start)
+                middle = time.perf_counter()
+                reference.run(x[first : first + chunk])
+                engine_s, reference_s = engine_s + middle - start, reference_s + time.perf_counter() - middle
+        return rate(4 * n, engine_s), rate(4 * n, engine_s + reference_s)
 
     two_workers = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
     # (name, pipeline arguments, cores, data size): 1x for end to end and memory, 4x for steady state.
     single_runs = (("1w", [], None, 1), ("2w", two_workers, None, 1), ("1w1t", ["--worker-threads=1"], None, 4),
                    ("1c", [], 1, 4))
     paired = (("1w", [], None, 4), ("2w", two_workers, None, 4))
-    runs, rounds, engines = {}, [], []
+    runs, rounds, engines, inferences = {}, [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for copies in (1, 4):
@@ -175,20 +181,23 @@ def main(argv: list[str] | None = None) -> None:
         pipeline("warm-up", [], None, 1)  # compiles the numba kernels into their cache, as any first run would
         for config, extra, cores, copies in single_runs:
             runs[f"{config}_x{copies}"] = pipeline(config, extra, cores, copies)
-        # The engine alone before and after every steady-state pipeline run, ROUNDS rounds
-        # of them: this machine's speed drifts by ~10% over minutes, so each pipeline run is
-        # compared with the mean of the two engine runs around it.
-        def engine() -> float:
-            engines.append(engine_rate(runs["1w_x1"]["images_per_chunk"]))
-            print(f"fast engine {engines[-1]:.1f}/s", flush=True)
-            return engines[-1]
+        # The engine alone (and with the reference) before and after every steady-state
+        # pipeline run, ROUNDS rounds of them: this machine's speed drifts by ~10% over
+        # minutes, so each pipeline run is compared with the mean of the two runs around it.
+        def engine() -> None:
+            alone, with_reference = inference_rates(runs["1w_x1"]["images_per_chunk"])
+            engines.append(alone)
+            inferences.append(with_reference)
+            print(f"fast engine {alone:.1f}/s, with the reference {with_reference:.1f}/s", flush=True)
 
         engine()
         for _ in range(ROUNDS):
             rounds.append({})
             for config, *more in paired:
                 rounds[-1][config] = pipeline(config, *more)
-                rounds[-1][f"engine_{config}"] = (engines[-1] + engine()) / 2
+                engine()
+                rounds[-1][f"engine_{config}"] = (engines[-2] + engines[-1]) / 2
+                rounds[-1][f"inference_{config}"] = (inferences[-2] + inferences[-1]) / 2
     fast.close()
     # The bound again at the end, and the faster of the two kept: a bound measured while the
     # machine ran slow would flatter every ratio to it.
@@ -204,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
 
     for r in rounds:
         r["steady_1w"], r["steady_2w"] = steady_rate(r["1w"]), steady_rate(r["2w"])
-        r["share_1w"], r["share_2w"] = 1 - r["steady_1w"] / r["engine_1w"], 1 - r["steady_2w"] / r["engine_2w"]
+        for config in ("1w", "2w"):
+            r[f"share_{config}"] = 1 - r[f"steady_{config}"] / r[f"engine_{config}"]
+            r[f"listed_{config}"] = 1 - r[f"steady_{config}"] / r[f"inference_{config}"]
 
     def median(key: str) -> float:
         return float(np.median([r[key] for r in rounds]))
@@ -214,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
 
     fast_rate, steady, steady_2 = float(np.median(engines)), median("steady_1w"), median("steady_2w")
     overhead, overhead_2 = median("share_1w"), median("share_2w")
+    listed, listed_2 = median("listed_1w"), median("listed_2w")
+    inference_rate = float(np.median(inferences))
     steady_1t, steady_1c = steady_rate(runs["1w1t_x4"]), steady_rate(runs["1c_x4"])
     one, two = runs["1w_x1"], runs["2w_x1"]
     one4 = sorted((r["1w"] for r in rounds), key=steady_rate)[len(rounds) // 2]  # the median run
@@ -232,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
          f"{single_rate / nengo_rate:.2f}"),
         (f"fast engine alone, batch {BATCH}, {4 * n} images", f"{fast_rate:.1f}", f"{fast_rate / bound:.2f}",
          f"{fast_rate / nengo_rate:.1f}"),
+        ("fast engine, then the Keras reference pass on the same images (the pipeline's inference)",
+         f"{inference_rate:.1f}", f"{inference_rate / bound:.2f}", f"{inference_rate / nengo_rate:.1f}"),
         *(
             (label, f"{value:.1f}", f"{value / bound:.2f}", f"{value / nengo_rate:.1f}")
             for label, value in (
@@ -280,7 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Steady state, everything but the engine (Beam, Keras reference, CAMs, statistics, zarr "
         f"writes): {overhead:.0%} of the pipeline's time with 1 worker, {overhead_2:.0%} with 2 "
-        f"(1 - pipeline / engine alone around it; each round: {each('share_1w')} and {each('share_2w')}).",
+        f"(1 - pipeline / engine alone around it; each round: {each('share_1w')} and {each('share_2w')}). "
+        f"Everything but the inference (Beam, CAMs, statistics, zarr writes; 1 - pipeline / engine and "
+        f"reference alone around it): {listed:.0%} with 1 worker, {listed_2:.0%} with 2 (each round: "
+        f"{each('listed_1w')} and {each('listed_2w')}).",
         "",
         f"2 worker processes vs 1: {steady_2 / steady:.2f}x in steady state "
         f"({one['wall_s'] / two['wall_s']:.2f}x end to end on {n} images, start-up included); "
