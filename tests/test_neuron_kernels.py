@@ -57,7 +57,7 @@ def numpy_scan(y, b_in, b_out, scale, dt, amplitude, voltage, decays, gains, n_s
 @pytest.mark.parametrize("start", [(0, 1), (-0.5, 1.5)])
 def test_spiking_scan_equals_numpy_loop_over_blocks(constant, start):
     """On a constant input, only neurons that may spike run (a third here have J <= 0);
-    starting voltages outside [0, 1) make some of those spike or go negative all the same."""
+    a voltage starting outside [0, 1) makes a neuron with J <= 0 spike all the same."""
     rng = np.random.default_rng(4)
     images, steps, neurons = 3, 7, 2 * BLOCK + 123
     y = rng.normal(0.2, 0.5, (images, 1 if constant else steps, neurons)).astype(F32)

@@ -68,7 +68,7 @@ _NO_KERNEL, _NO_TAPS = np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
 # sends them through TensorFlow's dense linear op instead of event by event. Measured on
 # the shipped model, layer by layer: an event costs ~10-30x a dense multiply-add (more
 # where spikes spread over the whole map), so the two break even at 3-6% nonzero; above
-# 8%, no image of the sample (at most ~5%) goes dense, and noise images of contrast 0.3-1
+# 8%, no image of the sample (~5% on average) goes dense, and noise images of contrast 0.3-1
 # (10-50% nonzero) run at 85-110 images/s instead of 40-65 event by event.
 DENSE_ABOVE = 0.08
 

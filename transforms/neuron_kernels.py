@@ -10,10 +10,11 @@ XLA-compiled ``tf.scan``, ~15 ms here).
 Arithmetic is nengo-dl's, in float32 and in the same order, so spike counts agree with
 ``nengo_dl.Simulator`` up to float ties (see ``transforms.fast_engine``).
 
-A spiking population can also run the next layer's Conv2D or Dense as it goes
-(``_project``): each nonzero output adds its value times the kernel taps it reaches to the
-next layer's input, which that layer's scan then filters through the synapse. The sums
-come in another order than a convolution's, so they differ from it by float rounding.
+A spiking population can also run the next layer's Conv2D or Dense: its scan records an
+image's nonzero outputs (``_record``), then each adds its value times the kernel taps it
+reaches to the next layer's input (``_project``), which that layer's scan filters through
+the synapse. The sums come in another order than a convolution's, so they differ from it
+by float rounding. An image with too many nonzero outputs is left to the dense op.
 """
 
 from __future__ import annotations
