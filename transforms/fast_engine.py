@@ -438,6 +438,8 @@ class FastSpikingNetwork:
         s = self.settings
         n, steps = len(images), s.n_steps
         x, over_time, layer = tf.constant(images), False, 0
+        # (L, B, T): each layer's rates contiguous, as every scan's are (one compiled signature)
+        layer_rates = np.empty((rates.shape[2], n, steps), np.float32)
         incoming, z = None, _NONE  # the projection the population below ran, into z
         for index, step in enumerate(self.steps):
             if incoming is not None and index < incoming.target:
@@ -467,9 +469,10 @@ class FastSpikingNetwork:
                 if index == len(self.steps) - 1:  # the feature layer's own neurons: the probe reads them too
                     outs, taus = outs + (features.reshape(n, steps, size),), taus + (s.probe_synapse,)
                 x, over_time = _as_tensor(filtered), True
-            z = self._neurons(index, y.reshape(n, -1, size), neuron_shape, outs, taus, rates[:, :, layer],
+            z = self._neurons(index, y.reshape(n, -1, size), neuron_shape, outs, taus, layer_rates[layer],
                               filtered_input, incoming, z)
             layer += 1
+        rates[:] = layer_rates.transpose(1, 2, 0)
         x = x if isinstance(x, np.ndarray) else _as_array(x)
         if not self.steps[-1].neurons:  # a linear feature layer after the last neurons
             self._lowpass(x.reshape(n, steps, -1), features.reshape(n, steps, -1), s.probe_synapse)
