@@ -30,12 +30,13 @@ import numpy as np
 
 import transforms.nengo_shim  # noqa: F401  (before TensorFlow)
 from pipeline.sample import SAMPLE_DATASET, SAMPLE_MODEL, Canvases, write_plain_tfrecord
-from transforms.fast_engine import FastSpikingNetwork
+from transforms.fast_engine import DENSE_ABOVE, FastSpikingNetwork
 from transforms.model_head import cam_model, find_cam_head, load_keras_model
 from transforms.nengo_shim import tf
 from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
 
 BATCH = 16
+NOISE = 60  # standard deviation (of 255) of the Gaussian noise on the busy-input variant of the sample
 ROUNDS = 6  # single rounds of the share range over ~20 points on these machines: the median of 6 is steadier
 
 
@@ -144,6 +145,22 @@ def main(argv: list[str] | None = None) -> None:
     fast, reference = FastSpikingNetwork(model, head, settings), ReferenceNetwork(model, head)
     fast.run(x), reference.run(x)  # warm-up
 
+    # Busy inputs: the sample with noise over its blank canvas spikes everywhere, where the
+    # sample itself spikes only on its ink. The engine as it chooses per image, and forced
+    # to either way of sending spikes to the next layer.
+    noisy = np.clip(canvases.images + np.random.default_rng(0).normal(0, NOISE, canvases.images.shape), 0, 255)
+    noisy = noisy.astype(np.uint8).astype(np.float32)[:128] / 255.0
+    def busy_rate(dense_above: float) -> float:
+        engine = FastSpikingNetwork(model, head, settings, dense_above=dense_above)
+        try:
+            return rate(len(noisy), best_of(1, lambda: engine.run(noisy)))
+        finally:
+            engine.close()
+
+    busy = {label: busy_rate(dense_above) for label, dense_above in (
+        ("as it chooses", DENSE_ABOVE), ("event by event only", np.inf), ("dense convolutions only", 0.0))}
+    print("busy inputs: " + ", ".join(f"{k} {v:.1f}/s" for k, v in busy.items()), flush=True)
+
     def inference_rates(chunk: int) -> tuple[float, float]:
         """(the engine alone, the engine and the Keras reference pass): images/s sustained
         over as many images as a steady-state pipeline run, in calls of one store chunk
@@ -247,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
          f"{fast_rate / nengo_rate:.1f}"),
         ("fast engine, then the Keras reference pass on the same images (the pipeline's inference)",
          f"{inference_rate:.1f}", f"{inference_rate / bound:.2f}", f"{inference_rate / nengo_rate:.1f}"),
+        *((f"fast engine alone, busy inputs (the sample + noise of s.d. {NOISE}/255), {label}", f"{value:.1f}",
+           f"{value / bound:.2f}", f"{value / nengo_rate:.1f}") for label, value in busy.items()),
         *(
             (label, f"{value:.1f}", f"{value / bound:.2f}", f"{value / nengo_rate:.1f}")
             for label, value in (
