@@ -93,6 +93,21 @@ def test_input_synapse_filters_y_with_a_one_step_delay():
     np.testing.assert_array_equal(out, expected)
 
 
+def project(x, weights, strides=(1, 1), padding="SAME", limit=None):
+    """x (B, T, H, W, C) event by event through a convolution: (z, rates, dense flags) of
+    ``scan``, and TensorFlow's convolution of x, all (B, T, ...) flat."""
+    images, steps, shape = x.shape[0], x.shape[1], x.shape[2:]
+    expected = tf.nn.conv2d(x.reshape((-1,) + shape), weights, strides, padding).numpy()
+    offsets, rows = _taps(Step("c", "conv", True, strides=strides, padding=padding), weights, shape,
+                          expected.shape[1:])
+    z = np.full((images, steps, int(np.prod(expected.shape[1:]))), np.nan, F32)
+    rates = np.full((images, steps), np.nan, F32)
+    size, zeros = int(np.prod(shape)), np.zeros(int(np.prod(shape)), F32)
+    dense = scan(x.reshape(images, steps, size), zeros, zeros, F32(1), "identity", F32(0.001), F32(1), zeros, (),
+                 rates, projection=(weights.reshape(-1, weights.shape[3]), offsets, rows, z), limit=limit)
+    return z, rates, dense, expected.reshape(z.shape)
+
+
 @pytest.mark.parametrize("shape, kernel, strides, padding", [
     ((64, 64, 16), (3, 3), (2, 2), "SAME"),
     ((11, 9, 3), (5, 3), (2, 1), "SAME"),
@@ -105,14 +120,8 @@ def test_projection_of_sparse_outputs_equals_tensorflows_convolution(shape, kern
     images, steps, n_out = 2, 3, 5
     x = rng.normal(0, 1, (images, steps) + shape).astype(F32) * (rng.random((images, steps) + shape) < 0.2)
     weights = rng.normal(0, 1, kernel + (shape[2], n_out)).astype(F32)
-    expected = tf.nn.conv2d(x.reshape((-1,) + shape), weights, strides, padding).numpy()
-    out_shape = expected.shape[1:]
-    offsets, rows = _taps(Step("c", "conv", True, strides=strides, padding=padding), weights, shape, out_shape)
-    z = np.full((images, steps, int(np.prod(out_shape))), np.nan, F32)
-    size, zeros = int(np.prod(shape)), np.zeros(int(np.prod(shape)), F32)
-    scan(x.reshape(images, steps, size), zeros, zeros, F32(1), "identity", F32(0.001), F32(1), zeros, (),
-         np.empty((images, steps), F32), projection=(weights.reshape(-1, n_out), offsets, rows, z))
-    np.testing.assert_allclose(z.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
+    z, _, _, expected = project(x, weights, strides, padding)
+    np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_an_image_over_the_limit_is_flagged_and_left_to_the_dense_op():
@@ -123,15 +132,8 @@ def test_an_image_over_the_limit_is_flagged_and_left_to_the_dense_op():
     density = np.array([0.01, 0.4, 0.05, 0.3])[:, None, None, None, None]
     x = rng.normal(0, 1, (4, steps) + shape).astype(F32) * (rng.random((4, steps) + shape) < density)
     nonzero = (x != 0).reshape(4, -1).sum(axis=1)
-    limit = int(nonzero[2] + nonzero[3]) // 2
     weights = rng.normal(0, 1, (3, 3, shape[2], n_out)).astype(F32)
-    expected = tf.nn.conv2d(x.reshape((-1,) + shape), weights, 1, "SAME").numpy().reshape(4, steps, -1)
-    offsets, rows = _taps(Step("c", "conv", True, padding="SAME"), weights, shape, shape[:2] + (n_out,))
-    z = np.full(expected.shape, np.nan, F32)
-    rates = np.full((4, steps), np.nan, F32)
-    size, zeros = int(np.prod(shape)), np.zeros(int(np.prod(shape)), F32)
-    dense = scan(x.reshape(4, steps, size), zeros, zeros, F32(1), "identity", F32(0.001), F32(1), zeros, (), rates,
-                 projection=(weights.reshape(-1, n_out), offsets, rows, z), limit=limit)
+    z, rates, dense, expected = project(x, weights, limit=int(nonzero[2] + nonzero[3]) // 2)
     np.testing.assert_array_equal(dense, [0, 1, 0, 1])
     np.testing.assert_allclose(z[[0, 2]], expected[[0, 2]], rtol=1e-5, atol=1e-5)
     assert np.isnan(z[[1, 3]]).all() and np.isnan(rates[[1, 3]]).all() and not np.isnan(rates[[0, 2]]).any()

@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import math
 import threading
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -479,7 +480,7 @@ class FastSpikingNetwork:
         pooled = x.mean(axis=(2, 3), dtype=np.float32)  # GAP of what the Dense reads: (B, T, C)
         logits[:] = pooled @ self.head.weights + self.head.bias
 
-    def _buffer(self, key: int, shape: tuple[int, ...]) -> np.ndarray:
+    def _buffer(self, key: Hashable, shape: tuple[int, ...]) -> np.ndarray:
         """This thread's aligned buffer ``key`` of ``shape``, reused from batch to batch: a
         fresh large array would cost a page fault per 4 KiB every time."""
         buffers = self._workspace.__dict__.setdefault("buffers", {})

@@ -273,5 +273,7 @@ def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, 
                     _project(where, values, segments[segment], segments[segment + 1], kernel, offsets, rows,
                              z[image, t])
     for image in range(n_images):
-        for t in range(n_steps if not dense[image] else 0):
+        if dense[image]:
+            continue
+        for t in range(n_steps):
             rates[image, t] = totals[image, t] / n_neurons * scale
