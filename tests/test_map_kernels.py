@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from tests.map_helpers import boxes_of, peaks_of, pearson
-from transforms.localization import in_boxes_mask, localize, sweep_boxes
+from transforms.localization import in_boxes_mask, localize, sweep_boxes, upsample
 from transforms.map_kernels import _argmax, step_correlations
 from transforms.statistics import sweep_thresholds
 
@@ -154,6 +154,40 @@ def test_step_correlations_equal_numpy():
     assert np.isnan(with_reference[0, 1, 2]) and np.isnan(with_reference[1, 2]).all()
     assert np.isnan(with_last[1, 0]).all() and np.isnan(with_last[0, 1, 2])
     assert np.isfinite(with_reference).sum() == 30 - 7 and np.isfinite(with_last).sum() == 30 - 6
+
+
+# Maps with all-zero rows at the top and bottom (localize skips the rows they upsample
+# to): signed values whose peak may lie in the zeros, -0.0 beside 0.0, and a positive
+# peak so small (the least subnormal) that the box threshold times it is 0.0.
+margin_maps = st.tuples(st.integers(0, 4), st.integers(0, 4), st.integers(0, 2**32 - 1)).map(
+    lambda a: _with_margins(*a))
+
+
+def _with_margins(top: int, bottom: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    maps = (rng.integers(-2, 3, size=(2, 3, 7, 5)) / 2).astype(np.float32)
+    maps[0, 1] = np.where(maps[0, 1] > 0, np.float32(1e-45), maps[0, 1])
+    maps[1, 0] = -np.abs(maps[1, 0])
+    maps[:, :, :top] = 0.0
+    maps[:, :, 7 - bottom:] = -0.0
+    return maps
+
+
+@settings(max_examples=300, deadline=None)
+@given(margin_maps, st.sampled_from([(21, 15), (28, 10), (7, 5)]))
+def test_maps_with_zero_margins_localize_as_numpy_and_scipy_on_their_upsampled_maps(maps, size):
+    truth = np.array([[[0.1, 0.2, 0.6, 0.9]], [[np.nan] * 4]], np.float32)
+    up = upsample(maps, size)
+    found = localize(maps, size, 0.2, truth)
+    flat = up.reshape(2, 3, -1)
+    index = flat.argmax(-1)
+    np.testing.assert_array_equal(found["peak"], np.stack([index // size[1], index % size[1]], -1))
+    expected = np.stack([[scipy_cam_box(m, 0.2) for m in image] for image in up])
+    np.testing.assert_array_equal(found["box"], expected)
+    positive = np.clip(up[0], 0, None).astype(np.float64)
+    total, within = positive.sum((-2, -1)), (positive * in_boxes_mask(truth[:1], size)).sum((-2, -1))
+    share = np.divide(within, total, out=np.zeros_like(total), where=total > 0)
+    np.testing.assert_allclose(found["energy"][0], share, rtol=1e-6)
 
 
 @pytest.mark.parametrize("value", [2.5, 1e-40, 0.0, -0.0, -3.0])

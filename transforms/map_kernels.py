@@ -6,9 +6,10 @@ extraction cost ~25 ms per image, and OpenCV's labelling with statistics ~8 ms; 
 kernels here label, measure and box each map in one union-find pass over runs of kept
 pixels, found 64 pixels at a time from a bit mask of each row. The peak and the positive
 mass take two vectorized passes. ``localize_upsampled`` upsamples each map into a small
-buffer and runs all of them there, so the upsampled maps never go through memory. One
-64-image chunk of the shipped model: 2.6 -> 0.9 ms per image (pixel-by-pixel run scans
-and a branchy peak pass before).
+buffer and runs all of them there, so the upsampled maps never go through memory, and
+leaves out the all-zero rows at the top and bottom of a map. One 64-image chunk of the
+shipped model: 2.6 -> 0.9 ms per image (pixel-by-pixel run scans and a branchy peak pass
+before), then 0.7 (without the zero rows).
 
 Components are found with union-find on 8-connectivity; each component's root is its first
 pixel in row-major order, so ties between equally large components go to the one whose
@@ -99,15 +100,16 @@ def _run_from(words, pos: int) -> tuple[int, int]:
 
 
 @numba.njit(nogil=True, cache=True)
-def _component_box(values, cut, scratch, out_row) -> None:
+def _component_box(values, cut, scratch, out_row, first: int, stop: int) -> None:
     """Box of the largest component of ``values >= cut`` into ``out_row`` (left as is where
-    no value reaches ``cut``). Labels runs of kept pixels along rows rather than pixels: a
-    run joins the runs of the row above that it overlaps or touches diagonally. scratch:
-    ``_run_scratch`` for the map's size."""
+    no value reaches ``cut``), where only rows [first, stop) can hold such values. Labels
+    runs of kept pixels along rows rather than pixels: a run joins the runs of the row
+    above that it overlaps or touches diagonally. scratch: ``_run_scratch`` for the map's
+    size."""
     parent, area, bounds, extent, words = scratch
     height, width = values.shape
     runs, above_first, above_stop = 0, 0, 0  # runs so far; the row above's runs
-    for r in range(height):
+    for r in range(first, stop):
         row_first = runs
         _row_bits(values[r], cut, words)
         first, stop = _run_from(words, 0)
@@ -273,22 +275,61 @@ def _positive_mass(values, inside) -> tuple[float, float]:
 
 
 @numba.njit(nogil=True, cache=True)
+def _zero_row(values, r: int) -> bool:
+    """Whether row ``r`` of ``values`` is all zeros (-0.0 included)."""
+    zero = True
+    for c in range(values.shape[1]):
+        zero &= values[r, c] == 0
+    return zero
+
+
+@numba.njit(nogil=True, cache=True)
+def _live_rows(values, rows) -> tuple[int, int]:
+    """(first, stop): the output rows of ``values`` upsampled by ``rows`` outside which every
+    value is exactly 0.0, because both input rows they read are all zeros (a spiking
+    network's CAMs are zero wherever no spike reached the feature map: ~45% of the shipped
+    model's rows on its sample). (0, 0) for an all-zero map."""
+    low, high = rows[0], rows[1]
+    h, n_out = values.shape[0], len(low)
+    first_in, last_in = 0, h - 1
+    while first_in < h and _zero_row(values, first_in):
+        first_in += 1
+    if first_in == h:
+        return 0, 0
+    while _zero_row(values, last_in):
+        last_in -= 1
+    first, stop = 0, n_out
+    while high[first] < first_in:
+        first += 1
+    while low[stop - 1] > last_in:
+        stop -= 1
+    return first, stop
+
+
+@numba.njit(nogil=True, cache=True)
+def _upsample_rows(values, rows, cols, out, first: int, stop: int) -> None:
+    """Rows [first, stop) of ``upsample_bilinear`` (the others left as they are), from the
+    input rows they read only."""
+    low, high, lerp = rows
+    left, right, x_lerp = cols
+    width = out.shape[1]
+    across = np.empty((values.shape[0], width), np.float32)  # each input row interpolated along x
+    for r in range(low[first], high[stop - 1] + 1):
+        for c in range(width):
+            a, b = values[r, left[c]], values[r, right[c]]
+            across[r, c] = a + (b - a) * x_lerp[c]
+    for r in range(first, stop):
+        top, bottom, f = across[low[r]], across[high[r]], lerp[r]
+        for c in range(width):
+            out[r, c] = top[c] + (bottom[c] - top[c]) * f
+
+
+@numba.njit(nogil=True, cache=True)
 def upsample_bilinear(values, rows, cols, out) -> None:
     """Bilinear resize of one (h, w) map into ``out`` (H, W), as TensorFlow's
     ``ResizeBilinear`` computes it in float32: top = tl + (tr - tl) * x_lerp, bottom likewise,
     out = top + (bottom - top) * y_lerp. rows, cols: ``resize_weights`` of each axis."""
-    low, high, lerp = rows
-    left, right, x_lerp = cols
-    h, width = values.shape[0], out.shape[1]
-    across = np.empty((h, width), np.float32)  # each input row interpolated along x
-    for r in range(h):
-        for c in range(width):
-            a, b = values[r, left[c]], values[r, right[c]]
-            across[r, c] = a + (b - a) * x_lerp[c]
-    for r in range(out.shape[0]):
-        top, bottom, f = across[low[r]], across[high[r]], lerp[r]
-        for c in range(width):
-            out[r, c] = top[c] + (bottom[c] - top[c]) * f
+    _upsample_rows(values, rows, cols, out, 0, out.shape[0])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -318,7 +359,10 @@ def localize_upsampled(maps, rows, cols, threshold, inside):
     upsampled maps, 16x the input's size, never go through memory). A constant map (a
     spiking network's early steps, before any spike reaches the last layer: ~13% of the
     shipped model's maps) upsamples to the same constant, so its values are written
-    directly, the same as those passes would find them.
+    directly, the same as those passes would find them. Of the other maps, only the rows
+    between their all-zero top and bottom margins (``_live_rows``) are upsampled and
+    searched; the margins' exact zeros are accounted for without being written (shipped
+    model and sample: 2.9 -> 2.1 us per map).
 
     maps: (N, P, h, w) float32; rows, cols: ``resize_weights`` to (H, W); inside: (N, H, W)
     bool. Returns boxes (N, P, 4) float32, peak (N, P) int64 flat index, total and within
@@ -344,11 +388,22 @@ def localize_upsampled(maps, rows, cols, threshold, inside):
                 if value > 0 and value >= threshold * value:  # one component: every pixel
                     boxes[i, m, :2], boxes[i, m, 2:] = 0.0, 1.0
                 continue
-            upsample_bilinear(maps[i, m], rows, cols, up)
-            peak[i, m] = top = _argmax(flat)
-            total[i, m], within[i, m] = _positive_mass(flat, inside_flat)
-            if flat[top] > 0:
-                _component_box(up, threshold * flat[top], scratch, boxes[i, m])
+            first, stop = _live_rows(maps[i, m], rows)
+            _upsample_rows(maps[i, m], rows, cols, up, first, stop)
+            live = slice(first * width, stop * width)
+            top = first * width + _argmax(flat[live])
+            value = flat[top]
+            if (first > 0 or stop < height) and (value < 0 or (value == 0 and first > 0)):
+                top, value = (0 if first > 0 else stop * width), np.float32(0.0)  # a zero row's first pixel
+            peak[i, m] = top
+            total[i, m], within[i, m] = _positive_mass(flat[live], inside_flat[live])
+            cut = threshold * value
+            if value > 0:
+                if cut <= 0:  # a zero threshold (or one that underflows) keeps the zero rows too
+                    up[:first] = 0
+                    up[stop:] = 0
+                    first, stop = 0, height
+                _component_box(up, cut, scratch, boxes[i, m], first, stop)
     return boxes, peak, total, within
 
 
