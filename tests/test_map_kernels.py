@@ -74,6 +74,27 @@ def test_sweep_equals_labelling_each_threshold(stack):
     np.testing.assert_array_equal(sweep_boxes(values, thresholds), expected)
 
 
+# Maps whose top and bottom rows hold one value each (the sweep adds such margins as one
+# block): blocks above, below or between the other values' levels, or equal to them.
+blocked_maps = st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(-1, 4), st.integers(-1, 4),
+                         st.integers(1, 9), st.integers(0, 2**32 - 1)).map(lambda a: _blocked(*a))
+
+
+def _blocked(top: int, bottom: int, top_level: int, bottom_level: int, width: int, seed: int) -> np.ndarray:
+    values = np.random.default_rng(seed).integers(-1, 4, size=(6, width)).astype(np.float32)
+    values[:top] = top_level
+    values[6 - bottom:] = bottom_level
+    return values / 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(blocked_maps)
+def test_sweep_with_constant_margins_equals_labelling_each_threshold(values):
+    thresholds = np.linspace(-0.3, 1.0, 14)
+    expected = np.stack([scipy_box(values >= t) for t in thresholds])
+    np.testing.assert_array_equal(sweep_boxes(values, thresholds), expected)
+
+
 def test_smooth_maps_equal_scipy():
     rng = np.random.default_rng(1)
     stack = ndimage.gaussian_filter(rng.normal(size=(40, 64, 64)), (0, 3, 3)).astype(np.float32)
