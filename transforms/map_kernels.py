@@ -100,16 +100,16 @@ def _run_from(words, pos: int) -> tuple[int, int]:
 
 
 @numba.njit(nogil=True, cache=True)
-def _component_box(values, cut, scratch, out_row, first: int, stop: int) -> None:
+def _component_box(values, cut, scratch, out_row, first_row: int, stop_row: int) -> None:
     """Box of the largest component of ``values >= cut`` into ``out_row`` (left as is where
-    no value reaches ``cut``), where only rows [first, stop) can hold such values. Labels
-    runs of kept pixels along rows rather than pixels: a run joins the runs of the row
-    above that it overlaps or touches diagonally. scratch: ``_run_scratch`` for the map's
-    size."""
+    no value reaches ``cut``), where only rows [first_row, stop_row) can hold such values.
+    Labels runs of kept pixels along rows rather than pixels: a run joins the runs of the
+    row above that it overlaps or touches diagonally. scratch: ``_run_scratch`` for the
+    map's size."""
     parent, area, bounds, extent, words = scratch
     height, width = values.shape
     runs, above_first, above_stop = 0, 0, 0  # runs so far; the row above's runs
-    for r in range(first, stop):
+    for r in range(first_row, stop_row):
         row_first = runs
         _row_bits(values[r], cut, words)
         first, stop = _run_from(words, 0)
@@ -332,7 +332,8 @@ def _live_rows(values, rows) -> tuple[int, int]:
     """(first, stop): the output rows of ``values`` upsampled by ``rows`` outside which every
     value is exactly 0.0, because both input rows they read are all zeros (a spiking
     network's CAMs are zero wherever no spike reached the feature map: ~45% of the shipped
-    model's rows on its sample). (0, 0) for an all-zero map."""
+    model's rows on its sample). (0, 0) for an all-zero map, which ``localize_upsampled``
+    takes as a constant one before asking."""
     low, high = rows[0], rows[1]
     h, n_out = values.shape[0], len(low)
     first_in, last_in = 0, h - 1
