@@ -151,19 +151,18 @@ _LIF_SILENT_BELOW = np.float32(1 - 2**-16)  # far below the threshold, 1, by mor
 
 
 @numba.njit(nogil=True, cache=True)
-def _active(y, b_in, b_out, scale, neuron, dt, voltage0, index) -> int:
-    """For a constant input y (N,): write to ``index`` the neurons that may spike, and return
-    how many. The others never do: a spiking ReLU whose increment relu(J) dt is 0 and whose
-    voltage starts in [0, 1) stays put; a LIF neuron whose J and starting voltage are below
-    1 only ever moves between them. ReLU networks leave many inputs below zero (the
-    shipped sample's blank canvas: 96% of its first layer)."""
+def _active(J, neuron, dt, voltage0, index) -> int:
+    """For a constant input current J (N,): write to ``index`` the neurons that may spike,
+    and return how many. The others never do: a spiking ReLU whose increment relu(J) dt is
+    0 and whose voltage starts in [0, 1) stays put; a LIF neuron whose J and starting
+    voltage are below 1 only ever moves between them. ReLU networks leave many inputs below
+    zero (the shipped sample's blank canvas: 96% of its first layer)."""
     count = 0
-    for i in range(y.size):
-        J = scale * (y[i] + b_in[i]) + b_out[i]
+    for i in range(J.size):
         if neuron == 1:
-            silent = max(J, _ZERO) * dt == _ZERO and _ZERO <= voltage0[i] < _ONE
+            silent = max(J[i], _ZERO) * dt == _ZERO and _ZERO <= voltage0[i] < _ONE
         else:
-            silent = J < _LIF_SILENT_BELOW and voltage0[i] < _LIF_SILENT_BELOW
+            silent = J[i] < _LIF_SILENT_BELOW and voltage0[i] < _LIF_SILENT_BELOW
         if not silent:
             index[count] = i
             count += 1
@@ -204,6 +203,7 @@ def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, 
     voltage = np.empty(BLOCK, np.float32)
     refractory = np.empty(BLOCK, np.float32)
     filtered_in = np.empty(BLOCK, np.float32)  # the input synapse's state
+    constant_J = np.empty(n_neurons if compact else 0, np.float32)  # every neuron's, on a constant y
     filtered = np.empty((n_outs, BLOCK), np.float32)
     emitted = np.empty(BLOCK, np.float32)
     seen = np.empty(BLOCK // STRIPES, np.int32)
@@ -217,7 +217,8 @@ def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, 
         running, count = n_neurons, 0
         dense[image] = 0
         if compact:
-            running = _active(y[image, 0], b_in, b_out, scale, neuron, dt, voltage0, index)
+            _current(y[image, 0], b_in, b_out, scale, constant_J)
+            running = _active(constant_J, neuron, dt, voltage0, index)
             for k in range(n_outs):
                 outs[k][image] = 0
         for start in range(0, running, BLOCK):
@@ -226,11 +227,10 @@ def run_population(y, input_synapse, b_in, b_out, scale, neuron, dt, amplitude, 
             stop = min(start + BLOCK, running)
             w = stop - start
             neurons = index[start:stop]
-            if compact:  # gathered; J as _current computes it
+            if compact:  # gathered
                 for i in range(w):
                     n = neurons[i]
-                    voltage[i], refractory[i] = voltage0[n], refractory0[n]
-                    J[i] = scale * (y[image, 0, n] + b_in[n]) + b_out[n]
+                    voltage[i], refractory[i], J[i] = voltage0[n], refractory0[n], constant_J[n]
             else:
                 voltage[:w] = voltage0[start:stop]
                 refractory[:w] = refractory0[start:stop]
