@@ -183,12 +183,10 @@ def _larger(parent, area, best: int, root: int) -> int:
 def _constant_rows(values, first: int, step: int) -> int:
     """How many rows from row ``first`` on, going by ``step`` (1 or -1), hold nothing but
     ``values[first, 0]``."""
-    value, n = values[first, 0], 0
-    for r in range(first, first + step * values.shape[0], step):
-        if r < 0 or r >= values.shape[0] or not np.all(values[r] == value):
-            break
-        n += 1
-    return n
+    value, r = values[first, 0], first
+    while 0 <= r < values.shape[0] and np.all(values[r] == value):
+        r += step
+    return abs(r - first)
 
 
 @numba.njit(nogil=True, cache=True)
