@@ -79,8 +79,23 @@ def projected_net() -> tf_keras.Model:
     return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 4)
 
 
+def chained_net() -> tf_keras.Model:
+    """Shapes and chains the others lack: 1x1 and (3, 2) kernels, strides (1, 2), pooling whose
+    stride is not its size, a linear Conv2D straight into another, and two neuron
+    populations in a row (a Conv2D's ReLU, then a ReLU layer)."""
+    x = inputs = tf_keras.Input((16, 14, 3))
+    x = L.Conv2D(5, 1, activation="relu")(x)
+    x = L.AveragePooling2D(3, strides=2)(x)
+    x = L.Conv2D(6, 3, use_bias=False)(x)
+    x = L.Conv2D(7, (3, 2), strides=(1, 2), padding="same", activation="relu")(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(6, 2, padding="same")(x)
+    x = L.Activation("relu", name="features")(x)
+    return _scaled(tf_keras.Model(inputs, L.Dense(4)(L.GlobalAveragePooling2D()(x))), 5)
+
+
 NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net,
-            "projected": projected_net}
+            "projected": projected_net, "chained": chained_net}
 
 
 def test_projected_net_runs_its_spikes_through_every_layer_event_by_event():
