@@ -180,7 +180,8 @@ def prepare(request: RunRequest) -> PreparedRun:
         n_steps=s.n_steps,
         dt=s.dt,
         max_boxes=request.max_boxes,
-        images_per_chunk=request.images_per_chunk or chunk_size_for(head, s.n_steps, s.batch_size),
+        images_per_chunk=(request.images_per_chunk or (_stored_chunk_size(request.output) if request.resume else None)
+                          or chunk_size_for(head, s.n_steps, s.batch_size)),
     )
     statistics = StatisticsSettings(size=head.input_shape[:2], threshold=request.cam_threshold)
     ids, files, records = dataset.record_table()
@@ -192,6 +193,13 @@ def prepare(request: RunRequest) -> PreparedRun:
     job = ChunkJob(os.path.abspath(request.model), s, dataset.decoder, layout, statistics,
                    request.preprocessing, request.worker_threads)
     return PreparedRun(dataset, job, template)
+
+
+def _stored_chunk_size(store: str) -> int | None:
+    """The chunk size of the store being resumed: its default followed its batch size, which
+    a resumed run may change."""
+    size = xr.open_zarr(store, chunks=None).attrs.get("images_per_chunk")
+    return None if size is None else int(size)
 
 
 def chunks_to_do(store: str, template: xr.Dataset, layout: StoreLayout) -> frozenset[int]:

@@ -99,6 +99,9 @@ def test_killed_worker_process_then_resume(clean_store, tmp_path):
 
 def test_resume_refuses_a_store_made_by_another_request(clean_store, capsys):
     assert run_cli(*ARGS[:-2], "--batch-size", "2", "--output", clean_store, "--resume") == 0  # batch size may differ
+    # so may the chunk size's default, which follows the batch size: the store's is kept
+    assert run_cli(*ARGS[:4], *ARGS[-2:], "--output", clean_store, "--resume") == 0
+    assert run_cli(*ARGS[:4], "--batch-size", "6", "--output", clean_store, "--resume") == 0
     capsys.readouterr()
     assert run_cli(*ARGS, "--scale-firing-rates", "50", "--output", clean_store, "--resume") == 2
     err = capsys.readouterr().err
