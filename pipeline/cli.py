@@ -112,9 +112,10 @@ def _add_run_parser(commands) -> None:
                          help="TensorFlow threads per worker process (default: the cores shared "
                          "out among --direct_num_workers processes; TensorFlow's default otherwise)")
     spiking.add_argument("--engine", choices=ENGINES, default="fast",
-                         help="fast: each layer for all timesteps at once, in one compiled TensorFlow "
-                         "function (falls back to nengo-dl, with a log line, where a network is not "
-                         "supported); nengo-dl: nengo_dl.Simulator, the reference (default: fast)")
+                         help="fast: each layer for all timesteps at once, TensorFlow's ops for the linear "
+                         "layers and compiled numba kernels for neurons and synapses (falls back to "
+                         "nengo-dl, with a log line, where a network is not supported); nengo-dl: "
+                         "nengo_dl.Simulator, the reference (default: fast)")
     store = run.add_argument_group("store")
     store.add_argument("--limit", type=_positive_int, help="process only the first N images")
     store.add_argument("--max-boxes", type=_positive_int, default=8,
