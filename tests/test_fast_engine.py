@@ -23,7 +23,7 @@ from transforms.fast_engine import (
 )
 from transforms.model_head import find_cam_head, load_keras_model
 from transforms.nengo_shim import tf_keras
-from transforms.spiking import SpikingNetwork, SpikingSettings, convert
+from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings, convert
 
 L = tf_keras.layers
 
@@ -211,6 +211,33 @@ def test_unsupported_network_falls_back_to_nengo_dl_with_a_reason(caplog):
         chosen = effective_settings(model, head, settings, layers)
     assert chosen.engine == "nengo-dl"
     assert "does not support this network" in caplog.text and "MaxPooling2D" in caplog.text
+
+
+def test_sigmoid_layer_runs_on_nengo_dl_with_its_rate_probed():
+    """The converter makes a sigmoid layer a nengo.Sigmoid population, which has no amplitude:
+    the run falls back to nengo-dl, and (at gain 1, rate neurons) gives the Keras model's
+    outputs, with the sigmoid's mean output as that layer's rate."""
+    x = inputs = tf_keras.Input((8, 8, 1))
+    x = L.Conv2D(3, 3, activation="sigmoid", name="squash")(x)
+    x = L.Conv2D(4, 3, activation="relu", name="features")(x)
+    model = _scaled(tf_keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x))), 6)
+    head = find_cam_head(model)
+    settings = SpikingSettings(neuron="relu", n_steps=3, synapse=None, probe_synapse=None, batch_size=2,
+                               scale_firing_rates=1.0)
+    layers = convert(model, head, settings).neuron_layers
+    assert layers == ("squash", "features")
+    assert effective_settings(model, head, settings, layers).engine == "nengo-dl"
+    images = _images(model.input_shape[1:], n=2)
+    network = SpikingNetwork(model, head, settings)
+    try:
+        features, logits, rates = network.run(images)
+    finally:
+        network.close()
+    keras_features, keras_logits = ReferenceNetwork(model, head).run(images)
+    np.testing.assert_allclose(features[:, -1], keras_features, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits[:, -1], keras_logits, rtol=1e-5, atol=1e-6)
+    squashed = tf_keras.Model(model.input, model.get_layer("squash").output)(images).numpy()
+    np.testing.assert_allclose(rates[:, -1, 0], squashed.mean(axis=(1, 2, 3)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("neuron", ["spiking-relu", "lif"])

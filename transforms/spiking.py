@@ -153,7 +153,8 @@ def _probe_firing_rates(converter, model: tf_keras.Model) -> tuple[tuple[str, ..
         if not isinstance(neurons, nengo.ensemble.Neurons) or id(neurons) in seen:
             continue
         seen.add(id(neurons))
-        n, amplitude = neurons.size_out, neurons.ensemble.neuron_type.amplitude
+        # Neuron types without an amplitude (e.g. nengo.Sigmoid for a sigmoid layer) output their rate.
+        n, amplitude = neurons.size_out, getattr(neurons.ensemble.neuron_type, "amplitude", 1.0)
         mean_rate = nengo.Node(size_in=1, label=f"rate_{layer.name}")
         nengo.Connection(
             neurons, mean_rate, transform=np.full((1, n), 1.0 / (n * amplitude)), synapse=None
