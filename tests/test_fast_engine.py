@@ -23,7 +23,12 @@ from transforms.fast_engine import (
 )
 from transforms.model_head import find_cam_head, load_keras_model
 from transforms.nengo_shim import tf_keras
-from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings, convert
+from transforms.spiking import (
+    ReferenceNetwork,
+    SpikingNetwork,
+    SpikingSettings,
+    convert,
+)
 
 L = tf_keras.layers
 
