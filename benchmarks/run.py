@@ -156,17 +156,17 @@ def main(argv: list[str] | None = None) -> None:
     noisy = noisy.astype(np.uint8).astype(np.float32)[:128] / 255.0
     # Measured in alternating rounds (each run ~1 s): one after the other, the machine's drift
     # between them was as large as their differences.
-    engines = {label: FastSpikingNetwork(model, head, settings, dense_above=dense_above) for label, dense_above in (
+    busy_engines = {label: FastSpikingNetwork(model, head, settings, dense_above=dense_above) for label, dense_above in (
         ("as it chooses", DENSE_ABOVE), ("event by event only", np.inf), ("dense convolutions only", 0.0))}
-    busy_rounds = {label: [] for label in engines}
-    for engine in engines.values():
+    busy_rounds = {label: [] for label in busy_engines}
+    for engine in busy_engines.values():
         engine.run(noisy)  # warm-up
     for _ in range(BUSY_ROUNDS):
-        for label, engine in engines.items():
+        for label, engine in busy_engines.items():
             start = time.perf_counter()
             engine.run(noisy)
             busy_rounds[label].append(rate(len(noisy), time.perf_counter() - start))
-    for engine in engines.values():
+    for engine in busy_engines.values():
         engine.close()
     busy = {label: float(np.median(rates)) for label, rates in busy_rounds.items()}
     print("busy inputs: " + ", ".join(f"{k} {v:.1f}/s" for k, v in busy.items()), flush=True)
