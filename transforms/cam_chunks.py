@@ -29,7 +29,13 @@ from transforms.fast_engine import FastSpikingNetwork
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.nengo_shim import tf
 from transforms.preprocess import Preprocessing
-from transforms.records import Example, ExampleDecoder, TfdsDecoder, decode_record
+from transforms.records import (
+    Example,
+    ExampleDecoder,
+    TfdsDecoder,
+    decode_failure,
+    decode_record,
+)
 from transforms.spiking import ReferenceNetwork, SpikingNetwork, SpikingSettings
 from transforms.statistics import StatisticsSettings, image_statistics_threaded
 from transforms.store import (
@@ -156,7 +162,7 @@ class ComputeCamChunk(beam.DoFn):
                 try:
                     image = self._job.preprocessing.apply(example.image, self._head.input_shape)
                 except Exception as err:  # noqa: BLE001 - every failure is recorded per image
-                    failure = f"decode: {type(err).__name__}: {err}"
+                    failure = decode_failure(err)
             if failure:
                 arrays["status"][row] = STATUS_FAILED
                 arrays["error"][row] = failure

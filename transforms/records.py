@@ -360,6 +360,11 @@ def check_example(example: Example, n_classes: int, max_boxes: int) -> None:
         raise ValueError(f"{len(example.boxes)} boxes, more than --max-boxes={max_boxes}")
 
 
+def decode_failure(err: Exception) -> str:
+    """The reason recorded for an image that failed to decode or to fit the model."""
+    return f"decode: {type(err).__name__}: {err}"
+
+
 def decode_record(record: tuple[int, bytes | BadRecord], decoder: TfdsDecoder | ExampleDecoder,
                   n_classes: int, max_boxes: int) -> tuple[int, Example | BadRecord]:
     """(global index, record) -> (global index, its Example, or a BadRecord whose reason
@@ -371,7 +376,7 @@ def decode_record(record: tuple[int, bytes | BadRecord], decoder: TfdsDecoder | 
         example = decoder.decode(data)
         check_example(example, n_classes, max_boxes)
     except Exception as err:  # noqa: BLE001 - every failure is recorded per image
-        return index, BadRecord(f"decode: {type(err).__name__}: {err}")
+        return index, BadRecord(decode_failure(err))
     return index, example
 
 
