@@ -284,7 +284,7 @@ def chunk_rows(template: xr.Dataset, name: str, values: np.ndarray | None, rows:
     fill value elsewhere. When ``rows`` are all ``n`` rows, that is ``values`` themselves,
     not a filled copy (``cam`` is ~20 MB a chunk)."""
     variable = PER_IMAGE[name]
-    shape = (n,) + template[name].shape[1:]
+    shape = (n,) + template.variables[name].shape[1:]
     if len(rows) == n and values is not None:
         return np.asarray(values, variable.dtype).reshape(shape)
     out = np.full(shape, variable.fill, dtype=variable.dtype)
@@ -295,7 +295,7 @@ def chunk_rows(template: xr.Dataset, name: str, values: np.ndarray | None, rows:
 
 def chunk_dataset(template: xr.Dataset, arrays: dict[str, np.ndarray]) -> xr.Dataset:
     """Wrap a chunk's arrays (keyed by variable name) with the template's dims."""
-    return xr.Dataset({name: (template[name].dims, arrays[name]) for name in CHUNKED_VARIABLES})
+    return xr.Dataset({name: (template.variables[name].dims, arrays[name]) for name in CHUNKED_VARIABLES})
 
 
 def open_chunk_arrays(store: str) -> dict[str, zarr.Array]:
