@@ -112,6 +112,13 @@ def test_store_opens_in_a_fresh_process_with_the_store_md_interface(spiking_stor
         assert key in info["attrs"]
 
 
+def test_every_chunk_is_one_file_in_its_arrays_folder(spiking_store):
+    # Flat chunk keys (c.0.0...): nested ones cost the writer a mkdir per level and chunk.
+    for array in ("cam", "status", "error", "image_id"):
+        entries = [p for p in (spiking_store / array).iterdir() if p.name != "zarr.json"]
+        assert entries and all(p.is_file() and p.name.startswith("c.") for p in entries), (array, entries)
+
+
 def test_existing_output_is_refused_before_any_work(spiking_store, capsys):
     before = sorted(p.name for p in spiking_store.iterdir())
     assert run_cli("--limit", "2", "--output", str(spiking_store)) == 2

@@ -76,7 +76,9 @@ def test_a_chunk_off_the_zarr_chunk_grid_is_refused(tmp_path):
         write_chunk(xbeam.Key({"image": 2}), chunk(2, 6), arrays, LAYOUT)
 
 
-def test_chunk_files_written_directly_are_what_zarr_writes(tmp_path):
+@pytest.mark.parametrize("separator", ["/", "."])  # zarr 3's default keys; the pipeline's flat ones
+def test_chunk_files_written_directly_are_what_zarr_writes(tmp_path, separator):
+    keys = {"name": "default", "separator": separator}
     rng = np.random.default_rng(0)
     cam = rng.normal(size=(6, 3, 5)).astype("f4")
     cam[rng.random(cam.shape) < 0.5] = 0.0
@@ -87,10 +89,11 @@ def test_chunk_files_written_directly_are_what_zarr_writes(tmp_path):
     for name in ("direct", "zarr"):
         group = zarr.open_group(str(tmp_path / name), mode="w")
         group.create_array("cam", shape=cam.shape, chunks=(4, 3, 5), dtype="f4", fill_value=np.nan,
-                           compressors=zarr.codecs.ZstdCodec(level=1), dimension_names=("image", "k", "x"))
+                           compressors=zarr.codecs.ZstdCodec(level=1), dimension_names=("image", "k", "x"),
+                           chunk_key_encoding=keys)
         for var in ("label", "status"):
             group.create_array(var, shape=(6,), chunks=(4,), dtype=data[var].dtype, fill_value=0,
-                               dimension_names=("image",))
+                               dimension_names=("image",), chunk_key_encoding=keys)
         arrays[name] = {var: group[var] for var in data.data_vars}
     for start, stop in ((0, 4), (4, 6)):
         write_chunk(xbeam.Key({"image": start}), data.isel(image=slice(start, stop)), arrays["direct"], LAYOUT)
@@ -103,6 +106,7 @@ def test_chunk_files_written_directly_are_what_zarr_writes(tmp_path):
 
     files = chunk_files(tmp_path / "direct")
     assert len(files) == 6 and files == chunk_files(tmp_path / "zarr")  # and no partial file left
+    assert (tmp_path / "direct" / "cam" / f"c{separator}1{separator}0{separator}0").is_file()
     for file in files:
         assert (tmp_path / "direct" / file).read_bytes() == (tmp_path / "zarr" / file).read_bytes(), file
     xr.testing.assert_identical(xr.open_zarr(tmp_path / "direct", consolidated=False).compute(), data)
