@@ -11,8 +11,7 @@ confined to one core, 2 worker processes) with where its time goes; the steady-s
 pipelines in six rounds, each run between two runs of the engine alone (and of the engine
 with the Keras reference pass, the pipeline's inference);
 peak memory of a worker for the dataset at 1x and 4x its size (the largest of six runs
-each). Prints a table of ratios
-and writes it to ``docs/benchmarks.md``.
+each). Prints a table of ratios and writes it to ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -324,10 +323,10 @@ def main(argv: list[str] | None = None) -> None:
         f"ran {ROUNDS} times each, every run between two runs of the engine alone (this machine's speed "
         "drifts by ~10% over minutes): their rows and shares are medians, each share comparing a pipeline "
         "run with the mean of the two engine runs around it; the 4x end-to-end rows are medians of the same "
-        f"runs, the 1x ones medians of {ROUNDS} runs of their own; the three busy-input engines ran in {BUSY_ROUNDS} alternating rounds (medians). The bound was "
-        f"measured at the start ({bound_start:.1f} images/s) and at the end "
-        f"({bound_end:.1f}); the faster is the one used. End to end: from the call that starts the pipeline "
-        "to the store's summary (the interpreter's imports excluded).",
+        f"runs, the 1x ones medians of {ROUNDS} runs of their own; the three busy-input engines ran in "
+        f"{BUSY_ROUNDS} alternating rounds (medians). The bound was measured at the start "
+        f"({bound_start:.1f} images/s) and at the end ({bound_end:.1f}); the faster is the one used. End to "
+        "end: from the call that starts the pipeline to the store's summary (the interpreter's imports excluded).",
         "",
         table(rows),
         "",
