@@ -260,14 +260,16 @@ def main(argv: list[str] | None = None) -> None:
     listed, listed_2 = median("listed_1w"), median("listed_2w")
     inference_rate = float(np.median(inferences))
     steady_1t, steady_1c = steady_rate(runs["1w1t_x4"]), steady_rate(runs["1c_x4"])
-    one, two = (sorted(small_runs[config], key=lambda r: r["wall_s"])[ROUNDS // 2] for config in ("1w", "2w"))
-    one4 = sorted((r["1w"] for r in rounds), key=steady_rate)[len(rounds) // 2]  # the median run
+    def median_run(config_runs: list[dict], key) -> dict:
+        return sorted(config_runs, key=key)[len(config_runs) // 2]
+
+    one, two = (median_run(small_runs[config], lambda r: r["wall_s"]) for config in ("1w", "2w"))
+    one4 = median_run([r["1w"] for r in rounds], steady_rate)
     # Peak memory: the largest of as many runs at 1x as at 4x (a largest of six against one
-    # run would favour 4x / 1x > 1 by itself).
-    one_rss, two_rss = (max(r[key] for r in small_runs[config])
-                        for config, key in (("1w", "self_peak_mb"), ("2w", "workers_peak_mb")))
-    two4_rss = max(r["2w"]["workers_peak_mb"] for r in rounds)
-    one4_rss = max(r["1w"]["self_peak_mb"] for r in rounds)
+    # run would favour 4x / 1x > 1 by itself); 1 worker runs in the launcher's process.
+    peak_key = {"1w": "self_peak_mb", "2w": "workers_peak_mb"}
+    one_rss, two_rss = (max(r[peak_key[config]] for r in small_runs[config]) for config in ("1w", "2w"))
+    one4_rss, two4_rss = (max(r[config][peak_key[config]] for r in rounds) for config in ("1w", "2w"))
     end_to_end, end_to_end_2 = n / one["wall_s"], n / two["wall_s"]
     end_to_end4, end_to_end4_2 = (
         float(np.median([4 * n / r[config]["wall_s"] for r in rounds])) for config in ("1w", "2w"))
