@@ -99,8 +99,33 @@ def chained_net() -> tf_keras.Model:
     return _scaled(tf_keras.Model(inputs, L.Dense(4)(L.GlobalAveragePooling2D()(x))), 5)
 
 
+def batchnorm_net() -> tf_keras.Model:
+    """Batch normalization where trained CNNs have it (a linear Conv2D's output, before its
+    ReLU), on a spiking population's output (its offset after the synapse), on a Dense's
+    output, and without scale or centre; moving statistics set to values training leaves."""
+    x = inputs = tf_keras.Input((12, 10, 2))
+    x = L.Conv2D(6, 3, use_bias=False)(x)
+    x = L.ReLU()(L.BatchNormalization()(x))
+    x = L.BatchNormalization(center=False)(x)
+    x = L.Conv2D(6, 3, strides=2, padding="same", activation="relu")(x)
+    x = L.Dense(32, activation="relu")(L.BatchNormalization(scale=False)(L.Flatten()(x)))
+    x = L.Conv2D(6, 2, padding="same", name="features")(L.Reshape((4, 4, 2))(x))
+    x = L.Activation("relu")(L.BatchNormalization(epsilon=0.01)(x))
+    model = _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 7)
+    rng = np.random.default_rng(7)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            size = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.uniform(-0.2, 0.2, size))
+            layer.moving_variance.assign(rng.uniform(0.3, 2.0, size))
+            for weight, low, high in ((layer.gamma, 0.5, 1.5), (layer.beta, 0.0, 0.4)):
+                if weight is not None:
+                    weight.assign(rng.uniform(low, high, size))
+    return model
+
+
 NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net,
-            "projected": projected_net, "chained": chained_net}
+            "projected": projected_net, "chained": chained_net, "batchnorm": batchnorm_net}
 
 
 def test_projected_net_runs_its_spikes_through_every_layer_event_by_event():

@@ -34,9 +34,11 @@ It reproduces the converted network exactly as NengoDL builds it:
   out = n * amplitude / dt; LIF with its refractory period), starting from the initial
   states nengo's builder draws for the network's seed.
 
-Supported: Conv2D (groups 1, channels_last), Dense, AveragePooling2D ('valid'), Flatten,
-Reshape, ReLU and Activation('relu'), inference-time identities (Dropout, ...), with
-linear or ReLU activations, in a single chain from the input to the CAM feature layer.
+Supported: Conv2D (groups 1, channels_last), Dense, AveragePooling2D ('valid'),
+BatchNormalization (over the last axis, at inference: x * scale + offset per channel, with
+the offset, like a Conv2D's bias, entering after the synapse), Flatten, Reshape, ReLU and
+Activation('relu'), inference-time identities (Dropout, ...), with linear or ReLU
+activations, in a single chain from the input to the CAM feature layer.
 Anything else raises UnsupportedNetwork, and the pipeline falls back to nengo-dl.
 """
 
@@ -82,8 +84,9 @@ class UnsupportedNetwork(ValueError):
 class Step:
     """One layer of the chain: a linear op, then (optionally) neurons.
 
-    kind: "conv", "dense", "avgpool", "flatten", "reshape" or "identity"; neurons: whether
-    a neuron population (the layer's ReLU) follows; bias_in_population: Dense-style bias
+    kind: "conv", "dense", "avgpool", "batchnorm" (kernel: the per-channel scale),
+    "flatten", "reshape" or "identity"; neurons: whether a neuron population (the layer's
+    ReLU) follows; bias_in_population: Dense-style bias
     (J = scale W x + scale b) rather than Conv2D-style (J = scale (W x + b)).
     """
 
@@ -108,6 +111,18 @@ def _activation(layer) -> bool:
     if activation in LINEAR:
         return False
     raise UnsupportedNetwork(f"layer {layer.name!r}: activation {getattr(activation, '__name__', activation)!r}")
+
+
+def _batch_normalization(layer: layers.BatchNormalization) -> Step:
+    """Inference-time batch normalization as a step: scale and offset per channel, in
+    float32 as NengoDL's converter computes them (``ConvertBatchNormalization``)."""
+    if list(layer.axis) != [len(layer.input.shape) - 1]:
+        raise UnsupportedNetwork(f"layer {layer.name!r}: batch normalization over an axis other than the last")
+    gamma = layer.gamma.numpy() if layer.scale else 1
+    beta = layer.beta.numpy() if layer.center else 0
+    scale = gamma / np.sqrt(layer.moving_variance.numpy() + layer.epsilon)
+    offset = beta - scale * layer.moving_mean.numpy()
+    return Step(layer.name, "batchnorm", False, np.asarray(scale, np.float32), np.asarray(offset, np.float32))
 
 
 def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
@@ -138,6 +153,8 @@ def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
                 raise UnsupportedNetwork(f"layer {layer.name!r}: only 'valid' channels_last average pooling")
             steps.append(Step(layer.name, "avgpool", False, pool=tuple(layer.pool_size),
                               strides=tuple(layer.strides)))
+        elif isinstance(layer, layers.BatchNormalization):
+            steps.append(_batch_normalization(layer))
         elif isinstance(layer, layers.Flatten):
             steps.append(Step(layer.name, "flatten", False))
         elif isinstance(layer, layers.Reshape):
@@ -425,6 +442,8 @@ class FastSpikingNetwork:
             return tf.tensordot(x, step.kernel, axes=1)
         if step.kind == "avgpool":
             return tf.nn.avg_pool2d(x, step.pool, step.strides, "VALID")
+        if step.kind == "batchnorm":
+            return x * step.kernel
         if step.kind == "flatten":
             return tf.reshape(x, (tf.shape(x)[0], -1))
         if step.kind == "reshape":
