@@ -155,6 +155,40 @@ def test_networks_are_built_once_per_worker_and_reused_for_every_chunk(store_dir
                                rtol=1e-6, atol=1e-6)
 
 
+def test_a_worker_sets_its_tensorflow_threads_before_its_first_decode(tmp_path, sample_images):
+    """In a worker process, decoding a record is TensorFlow's first op, after which its
+    thread counts are fixed: the decoding DoFn sets the worker's share of the cores first
+    (before, the engine ran with TensorFlow's default threads beside the other workers)."""
+    from tests.records_factory import png_examples
+
+    record = tmp_path / "record.bin"
+    record.write_bytes(png_examples(sample_images["image"][:1], sample_images["label"][:1],
+                                    sample_images["bbox"][:1, None])[0])
+    code = f"""
+import pathlib
+from transforms.cam_chunks import ChunkJob, DecodeRecords
+from transforms.nengo_shim import tf
+from transforms.preprocess import Preprocessing
+from transforms.records import Example, ExampleDecoder
+from transforms.spiking import SpikingSettings
+from transforms.statistics import StatisticsSettings
+from transforms.store import StoreLayout
+
+job = ChunkJob("model.h5", SpikingSettings(), ExampleDecoder(),
+               StoreLayout(n_images=1, n_steps=2, dt=0.001, max_boxes=1, images_per_chunk=1),
+               StatisticsSettings(size=(64, 64)), Preprocessing(), threads_per_worker=1)
+decode = DecodeRecords(job, 10)
+decode.setup()
+decode.start_bundle()
+((_, (_, example)),) = decode.process((0, (0, pathlib.Path({str(record)!r}).read_bytes())))
+assert isinstance(example, Example) and example.image.shape == (64, 64, 1), example
+print(tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1", "1"]
+
+
 def test_run_reports_stage_times_and_when_chunks_were_written(store_dir):
     from pipeline.cli import parser, request_from_args
     from pipeline.run import execute

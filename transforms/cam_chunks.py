@@ -231,6 +231,11 @@ class DecodeRecords(beam.DoFn):
         self._job = job
         self._n_classes = n_classes
 
+    def setup(self) -> None:
+        # Decoding is a worker's first TensorFlow op, which fixes its thread counts: set
+        # them here, or ComputeCamChunk's setup comes too late to.
+        limit_threads(self._job.threads_per_worker)
+
     def start_bundle(self) -> None:
         self._seconds = 0.0
 
