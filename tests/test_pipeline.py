@@ -184,7 +184,7 @@ decode.start_bundle()
 assert isinstance(example, Example) and example.image.shape == (64, 64, 1), example
 print(tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads())
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["1", "1"]
 
