@@ -111,8 +111,13 @@ def batchnorm_net() -> tf_keras.Model:
     x = L.Dense(32, activation="relu")(L.BatchNormalization(scale=False)(L.Flatten()(x)))
     x = L.Conv2D(6, 2, padding="same", name="features")(L.Reshape((4, 4, 2))(x))
     x = L.Activation("relu")(L.BatchNormalization(epsilon=0.01)(x))
-    model = _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 7)
-    rng = np.random.default_rng(7)
+    return _trained_batch_normalization(_scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 7), 7)
+
+
+def _trained_batch_normalization(model: tf_keras.Model, seed: int) -> tf_keras.Model:
+    """Batch normalization layers given moving statistics, scales and offsets such as
+    training leaves (positive variances)."""
+    rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, L.BatchNormalization):
             size = layer.moving_mean.shape[0]
@@ -122,6 +127,40 @@ def batchnorm_net() -> tf_keras.Model:
                 if weight is not None:
                     weight.assign(rng.uniform(low, high, size))
     return model
+
+
+def random_chain_net(seed: int) -> tf_keras.Model:
+    """A random chain of the supported layers, as a user's network might be: 1-3 blocks of
+    Conv2D (kernels 1-3 by 1-3, strides 1-2, either padding, with or without bias, ReLU as
+    its activation or as a layer, optional batch normalization), 'valid' average pooling,
+    Dense between Flatten and Reshape, or Dropout; then the feature Conv2D, GAP and Dense."""
+    rng = np.random.default_rng(seed)
+    x = inputs = tf_keras.Input((int(rng.integers(8, 21)), int(rng.integers(8, 21)), int(rng.integers(1, 4))))
+    for _ in range(int(rng.integers(1, 4))):
+        kind = rng.choice(["conv", "conv", "pool", "dense", "dropout"])
+        if kind == "pool" and min(x.shape[1:3]) >= 6:
+            size = int(rng.integers(2, 4))
+            x = L.AveragePooling2D(size, strides=int(rng.integers(1, size + 1)))(x)
+        elif kind == "dense" and np.prod(x.shape[1:]) <= 400:
+            shape = (int(rng.integers(2, 5)), int(rng.integers(2, 5)), int(rng.integers(1, 4)))
+            x = L.Reshape(shape)(L.Dense(int(np.prod(shape)), activation="relu")(L.Flatten()(x)))
+        elif kind == "dropout":
+            x = L.Dropout(0.2)(x)
+        else:
+            kernel = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+            fits = all(n - k >= 2 for n, k in zip(x.shape[1:3], kernel))
+            relu_inside = bool(rng.integers(2))
+            x = L.Conv2D(int(rng.integers(2, 9)), kernel, strides=(int(rng.integers(1, 3)), int(rng.integers(1, 3))),
+                         padding=rng.choice(["valid", "same"]) if fits else "same", use_bias=bool(rng.integers(2)),
+                         activation="relu" if relu_inside else None)(x)
+            if not relu_inside:
+                if rng.integers(2):
+                    x = L.BatchNormalization(center=bool(rng.integers(2)), scale=bool(rng.integers(2)))(x)
+                x = L.ReLU()(x) if rng.integers(2) else L.Activation("relu")(x)
+    x = L.Conv2D(int(rng.integers(3, 9)), int(rng.integers(1, 4)), padding="same", activation="relu",
+                 name="features")(x)
+    model = tf_keras.Model(inputs, L.Dense(int(rng.integers(2, 6)))(L.GlobalAveragePooling2D()(x)))
+    return _trained_batch_normalization(_scaled(model, seed), seed)
 
 
 NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net,
@@ -149,10 +188,8 @@ def _images(shape, n=6, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).random((n,) + shape, dtype=np.float32)
 
 
-@pytest.mark.parametrize("network", NETWORKS)
-@pytest.mark.parametrize("synapse", [None, 0.005])
-def test_rate_neurons_match_to_1e5_at_every_step(network, synapse):
-    model = NETWORKS[network]()
+def _assert_rate_neurons_match(model: tf_keras.Model, synapse: float | None) -> None:
+    """Features, logits and rates to 1e-5 relative at every step."""
     settings = SpikingSettings(neuron="relu", n_steps=6, synapse=synapse, probe_synapse=0.01, batch_size=4)
     _, (features, logits, rates), (f, lg, r) = _run_both(model, settings, _images(model.input_shape[1:]))
     for expected, got in ((features, f), (logits, lg), (rates, r)):
@@ -161,16 +198,11 @@ def test_rate_neurons_match_to_1e5_at_every_step(network, synapse):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("network", NETWORKS)
-@pytest.mark.parametrize("neuron", ["spiking-relu", "lif"])
-@pytest.mark.parametrize("synapse", [None, 0.005])
-@pytest.mark.parametrize("dense_above", [np.inf, 0.0], ids=["event", "dense"])
-def test_spiking_neurons_match_spike_counts_and_cams(network, neuron, synapse, dense_above):
-    """Spikes through the next layer event by event (dense_above = inf), or through
-    TensorFlow's dense op (0: every image with a spike)."""
-    model = NETWORKS[network]()
-    shape = model.input_shape[1:]
-    images = _images(shape, n=8)
+def _assert_spiking_neurons_match(model: tf_keras.Model, neuron: str, synapse: float | None,
+                                  dense_above: float) -> None:
+    """The same spike counts for all but 0.1% of the feature layer's neurons, CAMs
+    correlating >= 0.999 at every step where defined, and the last step's logits to 1e-3."""
+    images = _images(model.input_shape[1:], n=8)
     # Spike counts: probe the feature layer unfiltered, so its output is spikes * amplitude / dt.
     raw = SpikingSettings(neuron=neuron, n_steps=25, synapse=synapse, probe_synapse=None,
                           scale_firing_rates=50, batch_size=8)
@@ -179,7 +211,6 @@ def test_spiking_neurons_match_spike_counts_and_cams(network, neuron, synapse, d
     counts, fast_counts = np.rint(features.sum(1) * to_counts), np.rint(f.sum(1) * to_counts)
     assert counts.sum() > 100, "the test network should spike"
     assert np.mean(counts != fast_counts) <= 0.001
-    # CAMs from the filtered feature maps correlate >= 0.999 at every step where defined.
     filtered = SpikingSettings(neuron=neuron, n_steps=25, synapse=synapse, probe_synapse=0.01,
                                scale_firing_rates=50, batch_size=8)
     head, (features, logits, _), (f, lg, _) = _run_both(model, filtered, images, dense_above)
@@ -189,6 +220,36 @@ def test_spiking_neurons_match_spike_counts_and_cams(network, neuron, synapse, d
     assert defined[:, -5:].all()
     assert np.nanmin(np.where(defined, correlation, np.nan)) >= 0.999
     np.testing.assert_allclose(lg[:, -1], logits[:, -1], rtol=1e-3, atol=1e-3 * np.abs(logits).max())
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("synapse", [None, 0.005])
+def test_rate_neurons_match_to_1e5_at_every_step(network, synapse):
+    _assert_rate_neurons_match(NETWORKS[network](), synapse)
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("neuron", ["spiking-relu", "lif"])
+@pytest.mark.parametrize("synapse", [None, 0.005])
+@pytest.mark.parametrize("dense_above", [np.inf, 0.0], ids=["event", "dense"])
+def test_spiking_neurons_match_spike_counts_and_cams(network, neuron, synapse, dense_above):
+    """Spikes through the next layer event by event (dense_above = inf), or through
+    TensorFlow's dense op (0: every image with a spike)."""
+    _assert_spiking_neurons_match(NETWORKS[network](), neuron, synapse, dense_above)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(12))
+def test_random_chains_of_supported_layers_match(seed):
+    """Networks drawn at random from the supported layers, each neuron type in turn, with
+    or without a synapse, spikes sent as the engine chooses or always one way."""
+    model = random_chain_net(seed)
+    plan(model, find_cam_head(model))  # supported: the engine, not a fallback, runs it
+    neuron, synapse = ["relu", "spiking-relu", "lif"][seed % 3], [None, 0.005][seed // 3 % 2]
+    if neuron == "relu":
+        _assert_rate_neurons_match(model, synapse)
+    else:
+        _assert_spiking_neurons_match(model, neuron, synapse, [DENSE_ABOVE, np.inf, 0.0][seed // 3 % 3])
 
 
 def test_images_take_either_path_by_their_own_spikes_alone():
