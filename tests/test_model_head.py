@@ -60,3 +60,60 @@ def test_model_ending_in_a_conv_is_refused():
     model = tf_keras.Model(inputs, layers.Conv2D(2, 3, name="conv")(inputs))
     with pytest.raises(ModelHeadError, match="need a Dense layer at the output"):
         find_cam_head(model, "conv.h5")
+
+
+def keras3_cnn(seed: int = 0, sequential: bool = False):
+    """A CAM-ready CNN built with Keras 3 (what TensorFlow 2.16+ trains with), functional
+    or sequential, for the shipped sample's 64x64 images and 10 classes:
+    BatchNormalization, pooling, Dropout and a softmax head, with random weights (positive
+    variances)."""
+    import keras
+
+    chain = [keras.layers.Conv2D(4, 3, strides=2, use_bias=False), keras.layers.BatchNormalization(),
+             keras.layers.ReLU(), keras.layers.AveragePooling2D(2), keras.layers.Dropout(0.2),
+             keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="features"),
+             keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax", name="classes")]
+    if sequential:
+        model = keras.Sequential([keras.Input((64, 64, 1)), *chain])
+    else:
+        x = inputs = keras.Input((64, 64, 1))
+        for layer in chain:
+            x = layer(x)
+        model = keras.Model(inputs, x)
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32) if "variance" in v.path
+                       else rng.normal(0, 0.5, w.shape).astype(np.float32)
+                       for v, w in zip(model.weights, model.get_weights())])
+    return model
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+@pytest.mark.parametrize("sequential", [False, True], ids=["functional", "sequential"])
+def test_keras3_model_files_are_rebuilt_in_tf_keras(tmp_path, suffix, sequential):
+    """Keras 3's own files (tf-keras cannot read them) load as tf-keras models with the
+    same outputs and CAM head, which the fast engine supports."""
+    from transforms.fast_engine import plan
+
+    original = keras3_cnn(sequential=sequential)
+    path = tmp_path / f"model{suffix}"
+    original.save(path)
+    model = load_keras_model(path)
+    assert isinstance(model, tf_keras.Model)
+    images = np.random.default_rng(1).random((4, 64, 64, 1), dtype=np.float32)
+    np.testing.assert_allclose(model.predict(images, verbose=0), np.asarray(original(images)), rtol=1e-5, atol=1e-7)
+    head = find_cam_head(model, str(path))
+    assert (head.feature_layer, head.dense_layer, head.n_classes) == ("features", "classes", 10)
+    np.testing.assert_array_equal(head.weights, original.get_layer("classes").get_weights()[0])
+    assert [step.kind for step in plan(model, head)] == ["conv", "batchnorm", "identity", "avgpool", "identity", "conv"]
+
+
+def test_keras3_layer_without_a_tf_keras_twin_is_refused_by_name(tmp_path):
+    import keras
+
+    x = inputs = keras.Input((8, 8, 1))
+    x = keras.layers.RMSNormalization()(keras.layers.Conv2D(4, 3, activation="relu")(x))
+    path = tmp_path / "rms.keras"
+    keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))).save(path)
+    with pytest.raises(ModelHeadError, match=f"{path}: cannot load as Keras 3.* model: layer 'rms_normalization' "
+                                             r"\(RMSNormalization\) has no tf-keras equivalent"):
+        load_keras_model(path)

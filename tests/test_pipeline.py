@@ -217,3 +217,26 @@ def test_nengo_dl_engine_gives_the_fast_engines_store(store_dir, relu_store):
     np.testing.assert_allclose(nengo.logits.values, fast.logits.values, rtol=1e-5, atol=1e-5 * scale)
     # Boxes threshold the maps: a pixel within rounding of the threshold may move one edge.
     assert np.mean(nengo.cam_box.values == fast.cam_box.values) > 0.99
+
+
+def test_a_keras3_model_file_runs_end_to_end(tmp_path, sample_images):
+    """A model saved by Keras 3 runs through the whole pipeline (its workers load it too):
+    with rate neurons, the stored logits at every step are the Keras 3 model's own
+    pre-softmax logits, computed here with Keras 3."""
+    import keras
+
+    from tests.test_model_head import keras3_cnn
+
+    original = keras3_cnn()
+    model_path, out = tmp_path / "keras3.keras", tmp_path / "keras3.zarr"
+    original.save(model_path)
+    assert run_cli("--model", str(model_path), "--neuron", "relu", "--n-steps", "2", *SMALL_RUN,
+                   "--output", str(out)) == 0
+    ds = xr.open_zarr(out)
+    images = sample_images["image"].astype(np.float32) / 255.0
+    features = np.asarray(keras.Model(original.input, original.get_layer("features").output)(images))
+    weights, bias = original.get_layer("classes").get_weights()
+    logits = features.mean(axis=(1, 2)) @ weights + bias
+    assert ds.attrs["engine"] == "fast"
+    np.testing.assert_allclose(ds.logits_reference.values, logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ds.logits.values[:, -1], logits, rtol=1e-4, atol=1e-5)
