@@ -5,7 +5,9 @@ whose files tf-keras cannot read. ``from_keras3`` loads such a file with Keras 3
 rebuilds its graph layer by layer from the tf-keras layers of the same names (each
 layer's configuration, less what tf-keras does not take and what only training uses:
 initializers, regularizers, constraints), with the same weights, then checks that both
-models give the same outputs. Keras 3 is imported only here (~1.2 s).
+models give the same outputs. The graph is read from each layer's call record
+(``_inbound_nodes``; Keras 3 has no public API for it). Keras 3 is imported only here
+(~1.2 s).
 """
 
 from __future__ import annotations
