@@ -117,3 +117,36 @@ def test_keras3_layer_without_a_tf_keras_twin_is_refused_by_name(tmp_path):
     with pytest.raises(ModelHeadError, match=f"{path}: cannot load as Keras 3.* model: layer 'rms_normalization' "
                                              r"\(RMSNormalization\) has no tf-keras equivalent"):
         load_keras_model(path)
+
+
+@pytest.mark.parametrize("saved_by", ["tf-keras", "keras3"])
+def test_nested_base_model_with_extra_outputs_is_flattened(tmp_path, saved_by):
+    """The forum's model (shared/seeds): a base model called inside the model, then GAP and
+    Dense, with the pooled features and the feature map as outputs too. It loads as one
+    flat graph whose head is the base's last layer and whose only output is the Dense's,
+    and its CAM model gives the original's feature map and pre-softmax logits."""
+    import keras
+
+    k = tf_keras if saved_by == "tf-keras" else keras
+    x = base_input = k.Input((16, 16, 3))
+    x = k.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    x = k.layers.Conv2D(6, 3, padding="same", activation="relu", name="base_last")(k.layers.AveragePooling2D(2)(x))
+    base = k.Model(base_input, x, name="base")
+    image = k.Input((16, 16, 3))
+    features = base(image)
+    pooled = k.layers.GlobalAveragePooling2D()(features)
+    original = k.Model(image, [k.layers.Dense(5, activation="softmax", use_bias=False, name="classes")(pooled),
+                               pooled, features])
+    path = tmp_path / ("model.h5" if saved_by == "tf-keras" else "model.keras")
+    original.save(path)
+
+    model = load_keras_model(path)
+    assert len(model.outputs) == 1 and not any(isinstance(layer, tf_keras.Model) for layer in model.layers)
+    head = find_cam_head(model, str(path))
+    assert (head.feature_layer, head.dense_layer, head.feature_shape) == ("base_last", "classes", (8, 8, 6))
+    images = np.random.default_rng(2).random((3, 16, 16, 3), dtype=np.float32)
+    probabilities, _, feature_map = (np.asarray(t) for t in original(images))
+    got_features, logits = cam_model(model, head).predict(images, verbose=0)
+    np.testing.assert_allclose(got_features, feature_map, rtol=1e-5, atol=1e-6)
+    softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(softmax, probabilities, rtol=1e-5, atol=1e-7)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.keras3_models import from_keras3, saved_keras_version
+from transforms.keras_models import load_model, saved_keras_version
 from transforms.nengo_shim import tf_keras
 
 IDENTITY_AT_INFERENCE = (
@@ -54,15 +54,13 @@ class CamHead:
 
 
 def load_keras_model(path: str | Path) -> tf_keras.Model:
-    """Load a Keras model file as a tf-keras (Keras 2) model, without its training
-    configuration: a tf-keras file as it is, a Keras 3 one rebuilt in tf-keras layers
-    (``transforms.keras3_models``)."""
-    version = saved_keras_version(path)
+    """Load a Keras model file as a flat, single-output tf-keras (Keras 2) model, without
+    its training configuration (``transforms.keras_models``: Keras 3 files rebuilt, nested
+    models inlined)."""
     try:
-        if version and int(version.split(".")[0]) >= 3:
-            return from_keras3(path)
-        return tf_keras.models.load_model(str(path), compile=False)
+        return load_model(path)
     except (OSError, ValueError, TypeError) as err:
+        version = saved_keras_version(path)
         saved_by = f"Keras {version}" if version else "a tf-keras"
         raise ModelHeadError(f"{path}: cannot load as {saved_by} model: {err}") from err
 
