@@ -17,8 +17,8 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",
     "numba>=0.61",  # the connected-component kernels (transforms.map_kernels.py)
     "threadpoolctl>=3",  # one BLAS thread per worker (transforms.cam_chunks.py)
-    "keras>=3",  # reads models saved by Keras 3 (transforms/keras3_models.py); tensorflow brings it
-    "h5py>=3",  # the Keras version a model file was saved by (transforms/keras3_models.py)
+    "keras>=3",  # reads models saved by Keras 3 (transforms/keras_models.py); tensorflow brings it
+    "h5py>=3",  # the Keras version a model file was saved by (transforms/keras_models.py)
     "tensorflow-datasets==4.9.10",
     "importlib_resources",  # tensorflow-datasets imports it without declaring it
 ]
