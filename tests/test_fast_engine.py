@@ -132,8 +132,9 @@ def _trained_batch_normalization(model: tf_keras.Model, seed: int) -> tf_keras.M
 def random_chain_net(seed: int) -> tf_keras.Model:
     """A random chain of the supported layers, as a user's network might be: 1-3 blocks of
     Conv2D (kernels 1-3 by 1-3, strides 1-2, either padding, with or without bias, ReLU as
-    its activation or as a layer, optional batch normalization), 'valid' average pooling,
-    Dense between Flatten and Reshape, or Dropout; then the feature Conv2D, GAP and Dense."""
+    its activation or as a layer, optional zero padding before and batch normalization
+    after), 'valid' average pooling, Dense between Flatten and Reshape, or Dropout; then
+    the feature Conv2D, GAP and Dense."""
     rng = np.random.default_rng(seed)
     x = inputs = tf_keras.Input((int(rng.integers(8, 21)), int(rng.integers(8, 21)), int(rng.integers(1, 4))))
     for _ in range(int(rng.integers(1, 4))):
@@ -147,6 +148,8 @@ def random_chain_net(seed: int) -> tf_keras.Model:
         elif kind == "dropout":
             x = L.Dropout(0.2)(x)
         else:
+            if rng.integers(3) == 0:
+                x = L.ZeroPadding2D(tuple(tuple(int(p) for p in rng.integers(0, 3, 2)) for _ in range(2)))(x)
             kernel = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
             fits = all(n - k >= 2 for n, k in zip(x.shape[1:3], kernel))
             relu_inside = bool(rng.integers(2))
@@ -163,8 +166,16 @@ def random_chain_net(seed: int) -> tf_keras.Model:
     return _trained_batch_normalization(_scaled(model, seed), seed)
 
 
+def padded_net() -> tf_keras.Model:
+    """Zero padding on the input, and uneven padding on a spiking population's output."""
+    x = inputs = tf_keras.Input((9, 10, 2))
+    x = L.Conv2D(5, 3, activation="relu")(L.ZeroPadding2D(1)(x))
+    x = L.Conv2D(6, 3, strides=2, activation="relu", name="features")(L.ZeroPadding2D(((1, 2), (0, 1)))(x))
+    return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 8)
+
+
 NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net,
-            "projected": projected_net, "chained": chained_net, "batchnorm": batchnorm_net}
+            "projected": projected_net, "chained": chained_net, "batchnorm": batchnorm_net, "padded": padded_net}
 
 
 def test_projected_net_runs_its_spikes_through_every_layer_event_by_event():

@@ -36,9 +36,10 @@ It reproduces the converted network exactly as NengoDL builds it:
 
 Supported: Conv2D (groups 1, channels_last), Dense, AveragePooling2D ('valid'),
 BatchNormalization (over the last axis, at inference: x * scale + offset per channel, with
-the offset, like a Conv2D's bias, entering after the synapse), Flatten, Reshape, ReLU and
-Activation('relu'), inference-time identities (Dropout, ...), with linear or ReLU
-activations, in a single chain from the input to the CAM feature layer.
+the offset, like a Conv2D's bias, entering after the synapse), ZeroPadding2D
+(channels_last), Flatten, Reshape, ReLU and Activation('relu'), inference-time identities
+(Dropout, ...), with linear or ReLU activations, in a single chain from the input to the
+CAM feature layer.
 Anything else raises UnsupportedNetwork, and the pipeline falls back to nengo-dl.
 """
 
@@ -85,8 +86,9 @@ class Step:
     """One layer of the chain: a linear op, then (optionally) neurons.
 
     kind: "conv", "dense", "avgpool", "batchnorm" (kernel: the per-channel scale),
-    "flatten", "reshape" or "identity"; neurons: whether a neuron population (the layer's
-    ReLU) follows; bias_in_population: Dense-style bias
+    "zeropad" (pads: ((top, bottom), (left, right)) rows and columns of zeros), "flatten",
+    "reshape" or "identity"; neurons: whether a neuron population (the layer's ReLU)
+    follows; bias_in_population: Dense-style bias
     (J = scale W x + scale b) rather than Conv2D-style (J = scale (W x + b)).
     """
 
@@ -98,6 +100,7 @@ class Step:
     strides: tuple[int, int] = (1, 1)
     padding: str = "VALID"
     pool: tuple[int, int] = (1, 1)
+    pads: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
     shape: tuple[int, ...] = ()
     bias_in_population: bool = False
     output_shape: tuple[int, ...] = ()
@@ -155,6 +158,10 @@ def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
                               strides=tuple(layer.strides)))
         elif isinstance(layer, layers.BatchNormalization):
             steps.append(_batch_normalization(layer))
+        elif isinstance(layer, layers.ZeroPadding2D):
+            if layer.data_format != "channels_last":
+                raise UnsupportedNetwork(f"layer {layer.name!r}: channels_first zero padding")
+            steps.append(Step(layer.name, "zeropad", False, pads=tuple(tuple(side) for side in layer.padding)))
         elif isinstance(layer, layers.Flatten):
             steps.append(Step(layer.name, "flatten", False))
         elif isinstance(layer, layers.Reshape):
@@ -444,6 +451,8 @@ class FastSpikingNetwork:
             return tf.nn.avg_pool2d(x, step.pool, step.strides, "VALID")
         if step.kind == "batchnorm":
             return x * step.kernel
+        if step.kind == "zeropad":
+            return tf.pad(x, ((0, 0), *step.pads, (0, 0)))
         if step.kind == "flatten":
             return tf.reshape(x, (tf.shape(x)[0], -1))
         if step.kind == "reshape":
