@@ -1,4 +1,4 @@
-"""Keras model files as flat, single-output tf-keras (Keras 2) models, which NengoDL converts.
+"""Keras model files as flat tf-keras (Keras 2) models, which NengoDL converts.
 
 - Models saved by Keras 3 (TensorFlow 2.16+'s ``keras``; ``.keras`` or ``.h5``), which
   tf-keras cannot read, are loaded with Keras 3 and rebuilt layer by layer from the tf-keras
@@ -8,8 +8,6 @@
 - Nested models (a ``keras.applications`` base called inside the model, as in
   ``x = vgg19(image)``) are inlined: their layers become the model's own, so that the
   feature map a GAP reads is a layer of one graph.
-- Of several outputs, the one a Dense layer gives is kept, where only one does (a model
-  that also outputs its pooled features or feature map, for inspection).
 
 The graphs are read from each layer's call records (tf-keras's ``inbound_nodes``; Keras 3's
 private ``_inbound_nodes``, for which it has no public API).
@@ -126,22 +124,6 @@ def _same_outputs(original, rebuilt: tf_keras.Model) -> None:
                                   f"{np.abs(got - expected).max():.3g})")
 
 
-def _dense_output(model: tf_keras.Model) -> tf_keras.Model:
-    """``model`` with only the output a Dense layer gives (directly or through an Activation
-    or Softmax), where it has several outputs and exactly one is such."""
-    if len(model.outputs) < 2:
-        return model
-
-    def from_dense(tensor) -> bool:
-        layer = tensor.node.layer
-        if isinstance(layer, (tf_keras.layers.Activation, tf_keras.layers.Softmax)):
-            layer = layer.inbound_nodes[0].inbound_layers
-        return isinstance(layer, tf_keras.layers.Dense)
-
-    dense = [t for t in model.outputs if from_dense(t)]
-    return tf_keras.Model(model.inputs, dense[0], name=model.name) if len(dense) == 1 else model
-
-
 def load_model(path: str | Path) -> tf_keras.Model:
     """The model file ``path`` as a flat tf-keras model (see the module docstring), without
     its training configuration. KerasModelError (or Keras's own error) if it cannot be."""
@@ -156,4 +138,4 @@ def load_model(path: str | Path) -> tf_keras.Model:
         model = tf_keras.models.load_model(str(path), compile=False)
         if any(isinstance(layer, tf_keras.Model) for layer in model.layers):
             model = _Graph(tf_keras, lambda layer: layer.inbound_nodes, _tf_keras_copy).flat_model(model)
-    return _dense_output(model)
+    return model

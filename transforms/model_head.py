@@ -56,9 +56,9 @@ class CamHead:
 def load_keras_model(path: str | Path) -> tf_keras.Model:
     """Load a Keras model file as a flat, single-output tf-keras (Keras 2) model, without
     its training configuration (``transforms.keras_models``: Keras 3 files rebuilt, nested
-    models inlined)."""
+    models inlined; ``_dense_output``)."""
     try:
-        return load_model(path)
+        return _dense_output(load_model(path))
     except (OSError, ValueError, TypeError) as err:
         version = saved_keras_version(path)
         saved_by = f"Keras {version}" if version else "a tf-keras"
@@ -75,6 +75,25 @@ def inbound_layer(layer: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
     return inbound[0]
 
 
+def _output_layer(model: tf_keras.Model, output) -> tf_keras.layers.Layer:
+    """The layer that gives the model's ``output`` tensor, looking through a final
+    Activation or Softmax."""
+    layer = model.get_layer(output.node.layer.name)
+    if isinstance(layer, (tf_keras.layers.Activation, tf_keras.layers.Softmax)):
+        layer = inbound_layer(layer)
+    return layer
+
+
+def _dense_output(model: tf_keras.Model) -> tf_keras.Model:
+    """``model`` with only the output a Dense layer gives, where it has several outputs and
+    exactly one is such (a model that also outputs its pooled features or feature map, for
+    inspection)."""
+    if len(model.outputs) < 2:
+        return model
+    dense = [t for t in model.outputs if isinstance(_output_layer(model, t), tf_keras.layers.Dense)]
+    return tf_keras.Model(model.inputs, dense[0], name=model.name) if len(dense) == 1 else model
+
+
 def find_cam_head(model: tf_keras.Model, source: str = "model") -> CamHead:
     """Locate the feature map -> GlobalAveragePooling2D -> Dense path that ends the model.
 
@@ -86,9 +105,7 @@ def find_cam_head(model: tf_keras.Model, source: str = "model") -> CamHead:
         raise ModelHeadError(f"{source}: the model must be a tf-keras model with one output")
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
         raise ModelHeadError(f"{source}: the model must take one image input (H, W, C)")
-    layer = model.get_layer(model.outputs[0].node.layer.name)
-    if isinstance(layer, (tf_keras.layers.Activation, tf_keras.layers.Softmax)):
-        layer = inbound_layer(layer)
+    layer = _output_layer(model, model.outputs[0])
     if not isinstance(layer, tf_keras.layers.Dense):
         raise ModelHeadError(
             f"{source}: CAMs need a Dense layer at the output after GlobalAveragePooling2D; "
