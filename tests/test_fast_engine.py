@@ -133,15 +133,15 @@ def random_chain_net(seed: int) -> tf_keras.Model:
     """A random chain of the supported layers, as a user's network might be: 1-3 blocks of
     Conv2D (kernels 1-3 by 1-3, strides 1-2, either padding, with or without bias, ReLU as
     its activation or as a layer, optional zero padding before and batch normalization
-    after), 'valid' average pooling, Dense between Flatten and Reshape, or Dropout; then
+    after), average or max pooling (either padding), Dense between Flatten and Reshape, or Dropout; then
     the feature Conv2D, GAP and Dense."""
     rng = np.random.default_rng(seed)
     x = inputs = tf_keras.Input((int(rng.integers(8, 21)), int(rng.integers(8, 21)), int(rng.integers(1, 4))))
     for _ in range(int(rng.integers(1, 4))):
         kind = rng.choice(["conv", "conv", "pool", "dense", "dropout"])
         if kind == "pool" and min(x.shape[1:3]) >= 6:
-            size = int(rng.integers(2, 4))
-            x = L.AveragePooling2D(size, strides=int(rng.integers(1, size + 1)))(x)
+            size, pool = int(rng.integers(2, 4)), [L.AveragePooling2D, L.MaxPooling2D][rng.integers(2)]
+            x = pool(size, strides=int(rng.integers(1, size + 1)), padding=rng.choice(["valid", "same"]))(x)
         elif kind == "dense" and np.prod(x.shape[1:]) <= 400:
             shape = (int(rng.integers(2, 5)), int(rng.integers(2, 5)), int(rng.integers(1, 4)))
             x = L.Reshape(shape)(L.Dense(int(np.prod(shape)), activation="relu")(L.Flatten()(x)))
@@ -174,8 +174,29 @@ def padded_net() -> tf_keras.Model:
     return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 8)
 
 
+def max_pool_net() -> tf_keras.Model:
+    """Pooling that NengoDL's converter runs in a TensorNode, whose input has no synapse: max
+    pooling ('same') on the input, and ('valid') on a spiking population's raw output;
+    'same' average pooling after a ReLU layer."""
+    x = inputs = tf_keras.Input((14, 13, 2))
+    x = L.Conv2D(6, 3, activation="relu")(L.MaxPooling2D(2, padding="same")(x))
+    x = L.ReLU()(L.Conv2D(6, 3, padding="same")(L.MaxPooling2D(2)(x)))
+    x = L.AveragePooling2D(3, strides=1, padding="same")(x)
+    x = L.Conv2D(5, 2, padding="same", activation="relu", name="features")(x)
+    return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 9)
+
+
+def pooled_features_net() -> tf_keras.Model:
+    """Max pooling as the CAM feature layer, as in VGG (block5_pool before the GAP)."""
+    x = inputs = tf_keras.Input((12, 12, 2))
+    x = L.Conv2D(6, 3, activation="relu")(L.Conv2D(6, 3, activation="relu")(x))
+    x = L.MaxPooling2D(2, name="features")(x)
+    return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 10)
+
+
 NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net,
-            "projected": projected_net, "chained": chained_net, "batchnorm": batchnorm_net, "padded": padded_net}
+            "projected": projected_net, "chained": chained_net, "batchnorm": batchnorm_net, "padded": padded_net,
+            "max_pool": max_pool_net, "pooled_features": pooled_features_net}
 
 
 def test_projected_net_runs_its_spikes_through_every_layer_event_by_event():
@@ -299,20 +320,18 @@ def test_shipped_model_matches_nengo_dl(sample_images):
 
 def test_unsupported_network_falls_back_to_nengo_dl_with_a_reason(caplog):
     x = inputs = tf_keras.Input((8, 8, 1))
-    x = L.Conv2D(4, 3, activation="relu")(x)
-    x = L.MaxPooling2D(2)(x)
+    x = L.LeakyReLU(0.1)(L.Conv2D(4, 3)(x))
     x = L.Conv2D(4, 3, activation="relu", padding="same")(x)
     model = tf_keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
     head = find_cam_head(model)
-    with pytest.raises(ValueError, match="MaxPooling2D"):
+    with pytest.raises(ValueError, match="LeakyReLU"):
         plan(model, head)
-    # nengo-dl cannot convert max pooling natively either: the converter's fallback runs it
     settings = SpikingSettings(engine="fast")
     layers = convert(model, head, settings).neuron_layers
     with caplog.at_level(logging.WARNING):
         chosen = effective_settings(model, head, settings, layers)
     assert chosen.engine == "nengo-dl"
-    assert "does not support this network" in caplog.text and "MaxPooling2D" in caplog.text
+    assert "does not support this network" in caplog.text and "LeakyReLU" in caplog.text
 
 
 def test_sigmoid_layer_runs_on_nengo_dl_with_its_rate_probed():

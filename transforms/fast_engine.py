@@ -34,10 +34,14 @@ It reproduces the converted network exactly as NengoDL builds it:
   out = n * amplitude / dt; LIF with its refractory period), starting from the initial
   states nengo's builder draws for the network's seed.
 
-Supported: Conv2D (groups 1, channels_last), Dense, AveragePooling2D ('valid'),
-BatchNormalization (over the last axis, at inference: x * scale + offset per channel, with
-the offset, like a Conv2D's bias, entering after the synapse), ZeroPadding2D
-(channels_last), Flatten, Reshape, ReLU and Activation('relu'), inference-time identities
+- a layer the converter cannot build natively (max pooling, 'same' average pooling) runs
+  in a TensorNode (``nengo_dl.Layer``), whose input connection has no synapse: the
+  population below it passes its raw output on, in the same step.
+
+Supported: Conv2D (groups 1, channels_last), Dense, AveragePooling2D and MaxPooling2D
+(channels_last), BatchNormalization (over the last axis, at inference: x * scale + offset
+per channel, with the offset, like a Conv2D's bias, entering after the synapse),
+ZeroPadding2D (channels_last), Flatten, Reshape, ReLU and Activation('relu'), inference-time identities
 (Dropout, ...), with linear or ReLU activations, in a single chain from the input to the
 CAM feature layer.
 Anything else raises UnsupportedNetwork, and the pipeline falls back to nengo-dl.
@@ -85,7 +89,7 @@ class UnsupportedNetwork(ValueError):
 class Step:
     """One layer of the chain: a linear op, then (optionally) neurons.
 
-    kind: "conv", "dense", "avgpool", "batchnorm" (kernel: the per-channel scale),
+    kind: "conv", "dense", "avgpool", "maxpool", "batchnorm" (kernel: the per-channel scale),
     "zeropad" (pads: ((top, bottom), (left, right)) rows and columns of zeros), "flatten",
     "reshape" or "identity"; neurons: whether a neuron population (the layer's ReLU)
     follows; bias_in_population: Dense-style bias
@@ -151,11 +155,12 @@ def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
             weights = layer.get_weights()
             steps.append(Step(layer.name, "dense", _activation(layer), weights[0],
                               weights[1] if layer.use_bias else None, bias_in_population=True))
-        elif isinstance(layer, layers.AveragePooling2D):
-            if layer.padding != "valid" or layer.data_format != "channels_last":
-                raise UnsupportedNetwork(f"layer {layer.name!r}: only 'valid' channels_last average pooling")
-            steps.append(Step(layer.name, "avgpool", False, pool=tuple(layer.pool_size),
-                              strides=tuple(layer.strides)))
+        elif isinstance(layer, (layers.AveragePooling2D, layers.MaxPooling2D)):
+            if layer.data_format != "channels_last":
+                raise UnsupportedNetwork(f"layer {layer.name!r}: channels_first pooling")
+            kind = "avgpool" if isinstance(layer, layers.AveragePooling2D) else "maxpool"
+            steps.append(Step(layer.name, kind, False, pool=tuple(layer.pool_size), strides=tuple(layer.strides),
+                              padding=layer.padding.upper()))
         elif isinstance(layer, layers.BatchNormalization):
             steps.append(_batch_normalization(layer))
         elif isinstance(layer, layers.ZeroPadding2D):
@@ -203,6 +208,12 @@ def effective_settings(
         log.warning("engine 'fast' does not support this network (%s): using 'nengo-dl'", err)
         return dataclasses.replace(settings, engine="nengo-dl")
     return settings
+
+
+def in_tensor_node(step: Step) -> bool:
+    """Whether NengoDL's converter runs the step's layer in a TensorNode (max pooling, and
+    average pooling with 'same' padding, which counts only the cells inside the map)."""
+    return step.kind == "maxpool" or (step.kind == "avgpool" and step.padding == "SAME")
 
 
 SPIKING = ("spiking-relu", "lif")  # neuron types whose outputs are sparse events
@@ -441,14 +452,22 @@ class FastSpikingNetwork:
         self._population(x, None, zeros, zeros, 1, "identity", 1, zeros, zeros, (tau,), (out,),
                          np.empty(x.shape[:2], np.float32))
 
+    def _output_synapse(self, index: int) -> float | None:
+        """The synapse on step ``index``'s population output: none into a TensorNode (the
+        converter hands a Flatten or Reshape the object below it), else the network's."""
+        following = next((step for step in self.steps[index + 1:] if step.kind not in ("flatten", "reshape")), None)
+        return None if following is not None and in_tensor_node(following) else self.settings.synapse
+
     def _linear(self, step: Step, x: tf.Tensor) -> tf.Tensor:
-        """The step's linear op on (N, ...) values, without bias."""
+        """The step's op on (N, ...) values, without bias (linear but for max pooling)."""
         if step.kind == "conv":
             return tf.nn.conv2d(x, step.kernel, strides=step.strides, padding=step.padding)
         if step.kind == "dense":
             return tf.tensordot(x, step.kernel, axes=1)
         if step.kind == "avgpool":
-            return tf.nn.avg_pool2d(x, step.pool, step.strides, "VALID")
+            return tf.nn.avg_pool2d(x, step.pool, step.strides, step.padding)
+        if step.kind == "maxpool":
+            return tf.nn.max_pool2d(x, step.pool, step.strides, step.padding)
         if step.kind == "batchnorm":
             return x * step.kernel
         if step.kind == "zeropad":
@@ -494,7 +513,7 @@ class FastSpikingNetwork:
                 x = features
             else:
                 filtered = self._buffer(index, (n, steps) + neuron_shape)
-                outs, taus = (filtered.reshape(n, steps, size),), (s.synapse,)
+                outs, taus = (filtered.reshape(n, steps, size),), (self._output_synapse(index),)
                 if index == len(self.steps) - 1:  # the feature layer's own neurons: the probe reads them too
                     outs, taus = outs + (features.reshape(n, steps, size),), taus + (s.probe_synapse,)
                 x, over_time = _as_tensor(filtered), True
