@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.sample import SAMPLE_MODEL
+from transforms.fast_engine import plan
 from transforms.model_head import (
     ModelHeadError,
     cam_model,
@@ -92,7 +93,6 @@ def keras3_cnn(seed: int = 0, sequential: bool = False):
 def test_keras3_model_files_are_rebuilt_in_tf_keras(tmp_path, suffix, sequential):
     """Keras 3's own files (tf-keras cannot read them) load as tf-keras models with the
     same outputs and CAM head, which the fast engine supports."""
-    from transforms.fast_engine import plan
 
     original = keras3_cnn(sequential=sequential)
     path = tmp_path / f"model{suffix}"
@@ -123,15 +123,15 @@ def test_keras3_layer_without_a_tf_keras_twin_is_refused_by_name(tmp_path):
 def test_nested_base_model_with_extra_outputs_is_flattened(tmp_path, saved_by):
     """The forum's model (shared/seeds): a base model called inside the model, then GAP and
     Dense, with the pooled features and the feature map as outputs too. It loads as one
-    flat graph whose head is the base's last layer and whose only output is the Dense's,
-    and its CAM model gives the original's feature map and pre-softmax logits."""
+    flat graph whose head is the base's last layer (VGG-style, a max pooling) and whose only
+    output is the Dense's, the fast engine runs it, and its CAM model gives the original's feature map and pre-softmax logits."""
     import keras
 
     k = tf_keras if saved_by == "tf-keras" else keras
     x = base_input = k.Input((16, 16, 3))
     x = k.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
-    x = k.layers.Conv2D(6, 3, padding="same", activation="relu", name="base_last")(k.layers.AveragePooling2D(2)(x))
-    base = k.Model(base_input, x, name="base")
+    x = k.layers.Conv2D(6, 3, padding="same", activation="relu")(k.layers.MaxPooling2D(2)(x))
+    base = k.Model(base_input, k.layers.MaxPooling2D(2, name="base_last")(x), name="base")  # VGG's include_top=False
     image = k.Input((16, 16, 3))
     features = base(image)
     pooled = k.layers.GlobalAveragePooling2D()(features)
@@ -143,7 +143,8 @@ def test_nested_base_model_with_extra_outputs_is_flattened(tmp_path, saved_by):
     model = load_keras_model(path)
     assert len(model.outputs) == 1 and not any(isinstance(layer, tf_keras.Model) for layer in model.layers)
     head = find_cam_head(model, str(path))
-    assert (head.feature_layer, head.dense_layer, head.feature_shape) == ("base_last", "classes", (8, 8, 6))
+    assert (head.feature_layer, head.dense_layer, head.feature_shape) == ("base_last", "classes", (4, 4, 6))
+    assert [step.kind for step in plan(model, head)] == ["conv", "maxpool", "conv", "maxpool"]  # the fast engine runs it
     images = np.random.default_rng(2).random((3, 16, 16, 3), dtype=np.float32)
     probabilities, _, feature_map = (np.asarray(t) for t in original(images))
     got_features, logits = cam_model(model, head).predict(images, verbose=0)
