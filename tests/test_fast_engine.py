@@ -17,6 +17,7 @@ from transforms.cam import class_activation_maps
 from transforms.fast_engine import (
     DENSE_ABOVE,
     FastSpikingNetwork,
+    bytes_per_image,
     effective_settings,
     plan,
     projections,
@@ -332,6 +333,32 @@ def test_unsupported_network_falls_back_to_nengo_dl_with_a_reason(caplog):
         chosen = effective_settings(model, head, settings, layers)
     assert chosen.engine == "nengo-dl"
     assert "does not support this network" in caplog.text and "LeakyReLU" in caplog.text
+
+
+def test_a_network_too_large_for_the_memory_budget_runs_smaller_batches_or_falls_back(caplog):
+    """The engine holds every layer's values over all steps: within a budget of 7 images'
+    worth it runs batches of 3, two at once, with the same results as batches of 8; with
+    less than one image's worth the run falls back to nengo-dl, saying why."""
+    model = conv_pool_net()
+    head = find_cam_head(model)
+    settings = SpikingSettings(n_steps=12, scale_firing_rates=50, batch_size=8)
+    per_image = bytes_per_image(plan(model, head), settings.n_steps)
+    images = _images(model.input_shape[1:], n=11)
+    bounded = FastSpikingNetwork(model, head, settings, memory_budget=7 * per_image)
+    assert (bounded.batch_size, bounded.batches_at_once) == (3, 2)
+    whole = FastSpikingNetwork(model, head, settings, memory_budget=16 * per_image)
+    assert (whole.batch_size, whole.batches_at_once) == (8, 2)
+    expected = whole.run(images)
+    assert expected[0].any()
+    for got, want in zip(bounded.run(images), expected):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"need ~[0-9.]+ GB per image, more than the [0-9.]+ GB"):
+        FastSpikingNetwork(model, head, settings, memory_budget=per_image - 1)
+    layers = convert(model, head, settings).neuron_layers
+    with caplog.at_level(logging.WARNING):
+        chosen = effective_settings(model, head, settings, layers, memory_budget=per_image - 1)
+    assert chosen.engine == "nengo-dl" and "GB per image" in caplog.text
+    assert effective_settings(model, head, settings, layers, memory_budget=per_image).engine == "fast"
 
 
 def test_sigmoid_layer_runs_on_nengo_dl_with_its_rate_probed():

@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,10 @@ _NO_KERNEL, _NO_TAPS = np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
 # 8%, no image of the sample (~5% on average) goes dense, and noise images of contrast 0.3-1
 # (10-50% nonzero) run at 85-110 images/s instead of 40-65 event by event.
 DENSE_ABOVE = 0.08
+# The share of the memory this process may use that the engine's buffers may take: it
+# holds each layer's values over all steps (nengo-dl, one step at a time), so a large
+# network (VGG at 224x224: ~2.5 GB per image at 30 steps) runs fewer images at once.
+MEMORY_SHARE = 0.25
 
 
 class UnsupportedNetwork(ValueError):
@@ -195,15 +200,63 @@ def checked_plan(model: tf_keras.Model, head: CamHead, neuron_layers: tuple[str,
     return steps
 
 
+def memory_limit() -> int:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as file:
+                text = file.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit
+
+
+def default_memory_budget() -> int:
+    """The engine's buffers may take ``MEMORY_SHARE`` of ``memory_limit()``."""
+    return int(MEMORY_SHARE * memory_limit())
+
+
+def bytes_per_image(steps: list[Step], n_steps: int) -> int:
+    """The engine's peak memory per image of a batch in flight (bytes): float32 values of
+    every neuron layer over all steps, plus twice the largest layer for TensorFlow's
+    outputs. Measured: 1.3-1.4x one neuron-values buffer per image on a 96x96 network
+    whose spikes all went dense (this estimate: 1.7x); on the shipped model, 8-22 MB per
+    image (this estimate: 31 MB)."""
+    neurons = sum(int(np.prod(step.output_shape)) for step in steps if step.neurons)
+    largest = max(int(np.prod(step.output_shape)) for step in steps)
+    return 4 * n_steps * (neurons + 2 * largest)
+
+
+def engine_batches(steps: list[Step], settings: SpikingSettings, concurrent: int, budget: int) -> tuple[int, int]:
+    """(images per engine batch, batches at once) within ``budget`` bytes: up to
+    ``settings.batch_size`` and ``concurrent``, fewer where a large network's values over
+    all steps would not fit. UnsupportedNetwork if one image alone does not fit."""
+    per_image = bytes_per_image(steps, settings.n_steps)
+    for at_once in range(concurrent, 0, -1):
+        images = min(settings.batch_size, budget // (per_image * at_once))
+        if images >= 1:
+            return int(images), at_once
+    raise UnsupportedNetwork(
+        f"its values over {settings.n_steps} steps need ~{per_image / 1e9:.2f} GB per image, more than the "
+        f"{budget / 1e9:.2f} GB its buffers may take; nengo-dl steps through time")
+
+
 def effective_settings(
-    model: tf_keras.Model, head: CamHead, settings: SpikingSettings, neuron_layers: tuple[str, ...]
+    model: tf_keras.Model, head: CamHead, settings: SpikingSettings, neuron_layers: tuple[str, ...],
+    memory_budget: int | None = None,
 ) -> SpikingSettings:
     """``settings`` with the engine that will run: "fast" only where it supports the network
-    (``neuron_layers``: the converter's), else "nengo-dl", saying why in the log."""
+    (``neuron_layers``: the converter's) and one image's values over all steps fit
+    ``memory_budget`` bytes (None: ``default_memory_budget()``), else "nengo-dl", saying
+    why in the log."""
     if settings.engine != "fast":
         return settings
     try:
-        checked_plan(model, head, neuron_layers)
+        steps = checked_plan(model, head, neuron_layers)
+        engine_batches(steps, settings, 1, default_memory_budget() if memory_budget is None else memory_budget)
     except UnsupportedNetwork as err:
         log.warning("engine 'fast' does not support this network (%s): using 'nengo-dl'", err)
         return dataclasses.replace(settings, engine="nengo-dl")
@@ -349,13 +402,16 @@ class FastSpikingNetwork:
     """
 
     def __init__(self, model: tf_keras.Model, head: CamHead, settings: SpikingSettings, concurrent_batches: int = 2,
-                 dense_above: float = DENSE_ABOVE):
+                 dense_above: float = DENSE_ABOVE, memory_budget: int | None = None):
         """concurrent_batches: minibatches simulated at once, from as many threads (every
         batch runs in one of them, so there are as many sets of layer buffers, each ~125 MB
         for the shipped model at batch 16 x 30 steps with spiking neurons, up to ~350 MB
         once images have gone dense, ~250 MB with rate neurons). A scan runs on one core,
         so a second batch in flight keeps another core busy while the first convolves or
-        scans. dense_above: ``DENSE_ABOVE`` (inf: always event by event; 0: always dense)."""
+        scans. dense_above: ``DENSE_ABOVE`` (inf: always event by event; 0: always dense).
+        memory_budget: bytes the buffers may take (None: ``default_memory_budget()``);
+        batches are smaller, or fewer at once, where a large network needs it
+        (``engine_batches``; an image's values do not depend on its batch)."""
         self.head = head
         self.settings = settings
         converted = convert(model, head, settings)
@@ -366,9 +422,15 @@ class FastSpikingNetwork:
         self._states = _initial_states(converted, self.neuron_layers)
         self._projections = projections(self.steps) if settings.neuron in SPIKING else {}
         self.dense_above = dense_above
+        budget = default_memory_budget() if memory_budget is None else memory_budget
+        self.batch_size, self.batches_at_once = engine_batches(self.steps, settings, concurrent_batches, budget)
+        if self.batch_size < settings.batch_size:
+            log.info("engine batches of %d images (not %d), %d at once: this network's values over %d steps take "
+                     "~%.2f GB per image, within %.1f GB", self.batch_size, settings.batch_size, self.batches_at_once,
+                     settings.n_steps, bytes_per_image(self.steps, settings.n_steps) / 1e9, budget / 1e9)
         self._biases: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._workspace = threading.local()
-        self._pool = ThreadPoolExecutor(concurrent_batches) if concurrent_batches > 1 else None
+        self._pool = ThreadPoolExecutor(self.batches_at_once) if self.batches_at_once > 1 else None
 
     def close(self) -> None:
         """Stop the batch threads (same interface as SpikingNetwork)."""
@@ -536,12 +598,12 @@ class FastSpikingNetwork:
         return buffers[key]
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Simulate ``n_steps`` per image in minibatches of ``batch_size`` (the last padded).
+        """Simulate ``n_steps`` per image in minibatches of ``self.batch_size`` (the last padded).
 
         images: (N, H, W, C) float32. Returns features (N, T, h, w, c), logits (N, T, K) and
         the mean firing rate (Hz) of each neuron layer at each step (N, T, L).
         """
-        batch, n, steps = self.settings.batch_size, len(images), self.settings.n_steps
+        batch, n, steps = self.batch_size, len(images), self.settings.n_steps
         results = (np.empty((n, steps) + self.head.feature_shape, np.float32),
                    np.empty((n, steps, self.head.n_classes), np.float32),
                    np.empty((n, steps, len(self.neuron_layers)), np.float32))
