@@ -130,17 +130,22 @@ def _trained_batch_normalization(model: tf_keras.Model, seed: int) -> tf_keras.M
     return model
 
 
-def random_chain_net(seed: int) -> tf_keras.Model:
-    """A random chain of the supported layers, as a user's network might be: 1-3 blocks of
+def random_net(seed: int) -> tf_keras.Model:
+    """A random network of the supported layers, as a user's network might be: 1-3 blocks of
     Conv2D (kernels 1-3 by 1-3, strides 1-2, either padding, with or without bias, ReLU as
     its activation or as a layer, optional zero padding before and batch normalization
-    after), average or max pooling (either padding), Dense between Flatten and Reshape, or Dropout; then
+    after), average or max pooling (either padding), Dense between Flatten and Reshape,
+    Dropout, or a residual block (two Conv2Ds added to their input, then a ReLU); then
     the feature Conv2D, GAP and Dense."""
     rng = np.random.default_rng(seed)
     x = inputs = tf_keras.Input((int(rng.integers(8, 21)), int(rng.integers(8, 21)), int(rng.integers(1, 4))))
     for _ in range(int(rng.integers(1, 4))):
-        kind = rng.choice(["conv", "conv", "pool", "dense", "dropout"])
-        if kind == "pool" and min(x.shape[1:3]) >= 6:
+        kind = rng.choice(["conv", "conv", "pool", "dense", "dropout", "residual"])
+        if kind == "residual":
+            y = L.Conv2D(int(rng.integers(2, 9)), int(rng.integers(1, 4)), padding="same", activation="relu")(x)
+            y = L.Conv2D(x.shape[-1], int(rng.integers(1, 4)), padding="same", use_bias=bool(rng.integers(2)))(y)
+            x = L.ReLU()(L.Add()([x, y]))
+        elif kind == "pool" and min(x.shape[1:3]) >= 6:
             size, pool = int(rng.integers(2, 4)), [L.AveragePooling2D, L.MaxPooling2D][rng.integers(2)]
             x = pool(size, strides=int(rng.integers(1, size + 1)), padding=rng.choice(["valid", "same"]))(x)
         elif kind == "dense" and np.prod(x.shape[1:]) <= 400:
@@ -195,9 +200,45 @@ def pooled_features_net() -> tf_keras.Model:
     return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 10)
 
 
+def residual_net() -> tf_keras.Model:
+    """ResNet's shapes: a stem with max pooling, a block whose shortcut is a population's
+    output (synapse-filtered) and whose other branch has batch normalization, a strided
+    block with 1x1 convolutions on both branches (one fed by a population whose spikes
+    go event by event), and a concatenation."""
+    x = inputs = tf_keras.Input((14, 12, 2))
+    x = L.MaxPooling2D(3, strides=2, padding="same")(L.Conv2D(6, 3, padding="same", activation="relu")(x))
+    y = L.ReLU()(L.BatchNormalization()(L.Conv2D(6, 3, padding="same", use_bias=False)(x)))
+    x = L.ReLU()(L.Add()([x, L.Conv2D(6, 3, padding="same")(y)]))
+    y = L.Conv2D(8, 3, padding="same", activation="relu")(L.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x))
+    x = L.Activation("relu")(L.Add()([L.Conv2D(8, 1, strides=2)(x), L.Conv2D(8, 1)(y)]))
+    x = L.Concatenate()([x, L.Conv2D(4, 1, activation="relu")(x)])
+    x = L.Conv2D(6, 3, padding="same", activation="relu", name="features")(x)
+    model = tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
+    return _trained_batch_normalization(_scaled(model, 11), 11)
+
+
+def constant_branch_net() -> tf_keras.Model:
+    """Branches on the constant input joining branches over time: a linear 1x1 Conv2D of
+    the input added to a population's, and the input itself concatenated with another."""
+    x = inputs = tf_keras.Input((10, 10, 2))
+    y = L.Conv2D(5, 3, padding="same")(L.Conv2D(5, 3, padding="same", activation="relu")(x))
+    x = L.ReLU()(L.Add()([L.Conv2D(5, 1)(x), y]))
+    x = L.Concatenate()([L.AveragePooling2D(1)(inputs), x])
+    x = L.Conv2D(6, 3, activation="relu", name="features")(x)
+    return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 12)
+
+
 NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net,
             "projected": projected_net, "chained": chained_net, "batchnorm": batchnorm_net, "padded": padded_net,
-            "max_pool": max_pool_net, "pooled_features": pooled_features_net}
+            "max_pool": max_pool_net, "pooled_features": pooled_features_net, "residual": residual_net,
+            "constant_branch": constant_branch_net}
+
+
+def test_residual_net_projects_only_where_one_layer_reads_a_population():
+    model = residual_net()
+    steps = plan(model, find_cam_head(model))
+    assert [step.inputs for step in steps if step.kind == "add"] == [(1, 5), (10, 11)]
+    assert sorted(projections(steps)) == [8]  # the strided block's first Conv2D into its second
 
 
 def test_projected_net_runs_its_spikes_through_every_layer_event_by_event():
@@ -273,10 +314,10 @@ def test_spiking_neurons_match_spike_counts_and_cams(network, neuron, synapse, d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(12))
-def test_random_chains_of_supported_layers_match(seed):
+def test_random_networks_of_supported_layers_match(seed):
     """Networks drawn at random from the supported layers, each neuron type in turn, with
     or without a synapse, spikes sent as the engine chooses or always one way."""
-    model = random_chain_net(seed)
+    model = random_net(seed)
     plan(model, find_cam_head(model))  # supported: the engine, not a fallback, runs it
     neuron, synapse = ["relu", "spiking-relu", "lif"][seed % 3], [None, 0.005][seed // 3 % 2]
     if neuron == "relu":

@@ -41,9 +41,11 @@ It reproduces the converted network exactly as NengoDL builds it:
 Supported: Conv2D (groups 1, channels_last), Dense, AveragePooling2D and MaxPooling2D
 (channels_last), BatchNormalization (over the last axis, at inference: x * scale + offset
 per channel, with the offset, like a Conv2D's bias, entering after the synapse),
-ZeroPadding2D (channels_last), Flatten, Reshape, ReLU and Activation('relu'), inference-time identities
-(Dropout, ...), with linear or ReLU activations, in a single chain from the input to the
-CAM feature layer.
+ZeroPadding2D (channels_last), Flatten, Reshape, ReLU and Activation('relu'), inference-time
+identities (Dropout, ...), Add and Concatenate (last axis), with linear or ReLU
+activations, each layer used once, from the input to the CAM feature layer: chains and
+residual graphs. A branch that has no neurons yet is constant over time, and is
+broadcast where it joins one that has.
 Anything else raises UnsupportedNetwork, and the pipeline falls back to nengo-dl.
 """
 
@@ -61,7 +63,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from transforms import neuron_kernels
-from transforms.model_head import IDENTITY_AT_INFERENCE, CamHead, inbound_layer
+from transforms.model_head import IDENTITY_AT_INFERENCE, CamHead, inbound_layers
 from transforms.nengo_shim import nengo, tf, tf_keras
 from transforms.spiking import SpikingSettings, convert
 
@@ -92,13 +94,14 @@ class UnsupportedNetwork(ValueError):
 
 @dataclass(frozen=True)
 class Step:
-    """One layer of the chain: a linear op, then (optionally) neurons.
+    """One layer of the network: an op on its inputs, then (optionally) neurons.
 
     kind: "conv", "dense", "avgpool", "maxpool", "batchnorm" (kernel: the per-channel scale),
     "zeropad" (pads: ((top, bottom), (left, right)) rows and columns of zeros), "flatten",
-    "reshape" or "identity"; neurons: whether a neuron population (the layer's ReLU)
-    follows; bias_in_population: Dense-style bias
-    (J = scale W x + scale b) rather than Conv2D-style (J = scale (W x + b)).
+    "reshape", "identity", "add" or "concat" (over the last axis); neurons: whether a
+    neuron population (the layer's ReLU) follows; bias_in_population: Dense-style bias
+    (J = scale W x + scale b) rather than Conv2D-style (J = scale (W x + b)); inputs: the
+    indices of the steps it reads, -1 for the model's input.
     """
 
     name: str
@@ -113,6 +116,7 @@ class Step:
     shape: tuple[int, ...] = ()
     bias_in_population: bool = False
     output_shape: tuple[int, ...] = ()
+    inputs: tuple[int, ...] = (-1,)
 
 
 def _activation(layer) -> bool:
@@ -137,19 +141,35 @@ def _batch_normalization(layer: layers.BatchNormalization) -> Step:
     return Step(layer.name, "batchnorm", False, np.asarray(scale, np.float32), np.asarray(offset, np.float32))
 
 
+def _inbound_layers(layer) -> list:
+    """The layers feeding ``layer``, in input order; UnsupportedNetwork if it is used twice."""
+    if len(layer.inbound_nodes) != 1:
+        raise UnsupportedNetwork(f"layer {layer.name!r} is used {len(layer.inbound_nodes)} times")
+    return inbound_layers(layer)
+
+
+def _graph(model: tf_keras.Model, head: CamHead) -> list:
+    """The layers the CAM feature layer depends on (the input's excluded), in the model's
+    own (topological) order, which is the converter's."""
+    needed, stack = set(), [model.get_layer(head.feature_layer)]
+    while stack:
+        layer = stack.pop()
+        if layer.name not in needed and not isinstance(layer, layers.InputLayer):
+            needed.add(layer.name)
+            stack.extend(_inbound_layers(layer))
+    return [layer for layer in model.layers if layer.name in needed]
+
+
 def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
-    """The chain of steps from the model's input to the CAM feature layer."""
-    chain = []
-    layer = model.get_layer(head.feature_layer)
-    while not isinstance(layer, layers.InputLayer):
-        chain.append(layer)
-        try:
-            layer = inbound_layer(layer)
-        except ValueError as err:
-            raise UnsupportedNetwork(f"the network is not a single chain: {err}") from err
+    """The steps from the model's input to the CAM feature layer (the last), in order."""
+    graph = _graph(model, head)
+    index = {layer.name: i for i, layer in enumerate(graph)}
     steps = []
-    for layer in reversed(chain):
+    for layer in graph:
         output_shape = tuple(layer.output.shape[1:])
+        inputs = tuple(index.get(inbound.name, -1) for inbound in _inbound_layers(layer))
+        if len(inputs) > 1 and not isinstance(layer, (layers.Add, layers.Concatenate)):
+            raise UnsupportedNetwork(f"layer {layer.name!r} ({type(layer).__name__}) has {len(inputs)} inputs")
         if isinstance(layer, layers.Conv2D) and type(layer) is layers.Conv2D:
             if layer.groups != 1 or layer.dilation_rate != (1, 1) or layer.data_format != "channels_last":
                 raise UnsupportedNetwork(f"layer {layer.name!r}: grouped, dilated or channels_first Conv2D")
@@ -184,10 +204,30 @@ def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
             steps.append(Step(layer.name, "identity", _activation(layer)))
         elif isinstance(layer, IDENTITY_AT_INFERENCE):
             steps.append(Step(layer.name, "identity", False))
+        elif isinstance(layer, layers.Add):
+            steps.append(Step(layer.name, "add", False))
+        elif isinstance(layer, layers.Concatenate):
+            if layer.axis not in (-1, len(output_shape)):
+                raise UnsupportedNetwork(f"layer {layer.name!r}: concatenation over an axis other than the last")
+            steps.append(Step(layer.name, "concat", False))
         else:
             raise UnsupportedNetwork(f"layer {layer.name!r} ({type(layer).__name__}) is not supported")
-        steps[-1] = dataclasses.replace(steps[-1], output_shape=output_shape)
+        steps[-1] = dataclasses.replace(steps[-1], output_shape=output_shape, inputs=inputs)
+    for index, step in enumerate(steps):
+        if step.neurons and len({in_tensor_node(steps[c]) for c in consumers(steps, index)}) > 1:
+            raise UnsupportedNetwork(f"layer {step.name!r} feeds both a layer nengo-dl runs in a TensorNode "
+                                     "(no synapse) and others")
     return steps
+
+
+def consumers(steps: list[Step], index: int) -> list[int]:
+    """The steps that read step ``index``'s output, looking through Flatten and Reshape
+    (the converter hands them the object below)."""
+    found = []
+    for reader, step in enumerate(steps):
+        if index in step.inputs:
+            found += consumers(steps, reader) if step.kind in ("flatten", "reshape") else [reader]
+    return found
 
 
 def checked_plan(model: tf_keras.Model, head: CamHead, neuron_layers: tuple[str, ...]) -> list[Step]:
@@ -317,16 +357,22 @@ def _taps(step: Step, kernel: np.ndarray, in_shape: tuple[int, int, int], out_sh
     return offsets, rows
 
 
+def _only_reader(steps: list[Step], index: int) -> int | None:
+    """The step after ``index``, where it is the only one to read ``index``'s output."""
+    readers = [reader for reader, step in enumerate(steps) if index in step.inputs]
+    return readers[0] if readers == [index + 1] and steps[index + 1].inputs == (index,) else None
+
+
 def projections(steps: list[Step]) -> dict[int, Projection]:
     """For each neuron step whose output reaches the next neuron layer's Conv2D or Dense
-    through reshapes and identities only: that step, as a Projection (keyed by the source
-    step's index)."""
+    through reshapes and identities only, each the only reader of the one before: that
+    step, as a Projection (keyed by the source step's index)."""
     found = {}
     for source, step in enumerate(steps):
-        target = source + 1
-        while target < len(steps) and steps[target].kind in PASS_THROUGH and not steps[target].neurons:
-            target += 1
-        if not step.neurons or target == len(steps):
+        target = _only_reader(steps, source)
+        while target is not None and steps[target].kind in PASS_THROUGH and not steps[target].neurons:
+            target = _only_reader(steps, target)
+        if not step.neurons or target is None:
             continue
         into = steps[target]
         if into.kind not in ("conv", "dense") or not into.neurons:
@@ -421,6 +467,7 @@ class FastSpikingNetwork:
             raise UnsupportedNetwork("no neuron layer before the feature map")
         self._states = _initial_states(converted, self.neuron_layers)
         self._projections = projections(self.steps) if settings.neuron in SPIKING else {}
+        self._last_reader = {i: index for index, step in enumerate(self.steps) for i in step.inputs}
         self.dense_above = dense_above
         budget = default_memory_budget() if memory_budget is None else memory_budget
         self.batch_size, self.batches_at_once = engine_batches(self.steps, settings, concurrent_batches, budget)
@@ -515,10 +562,24 @@ class FastSpikingNetwork:
                          np.empty(x.shape[:2], np.float32))
 
     def _output_synapse(self, index: int) -> float | None:
-        """The synapse on step ``index``'s population output: none into a TensorNode (the
-        converter hands a Flatten or Reshape the object below it), else the network's."""
-        following = next((step for step in self.steps[index + 1:] if step.kind not in ("flatten", "reshape")), None)
-        return None if following is not None and in_tensor_node(following) else self.settings.synapse
+        """The synapse on step ``index``'s population output: none into TensorNodes (``plan``
+        refuses a population that feeds both kinds), else the network's."""
+        readers = consumers(self.steps, index)
+        return None if readers and in_tensor_node(self.steps[readers[0]]) else self.settings.synapse
+
+    def _input(self, step: Step, values: dict, n: int) -> tuple[tf.Tensor, bool]:
+        """The step's op on its inputs' values (each (B, T, ...) over time, or (B, ...) where
+        constant); returns it, and whether it is over time."""
+        inputs = [values[i] for i in step.inputs]
+        over_time = any(over for _, over in inputs)
+        if step.kind in ("add", "concat"):
+            steps = self.settings.n_steps
+            parts = [x if over or not over_time else tf.broadcast_to(x[:, None], (n, steps) + tuple(x.shape[1:]))
+                     for x, over in inputs]
+            return (tf.add_n(parts) if step.kind == "add" else tf.concat(parts, axis=-1)), over_time
+        x = inputs[0][0]
+        y = self._linear(step, tf.reshape(x, (-1,) + tuple(x.shape[2:])) if over_time else x)
+        return (tf.reshape(y, (n, self.settings.n_steps) + tuple(y.shape[1:])) if over_time else y), over_time
 
     def _linear(self, step: Step, x: tf.Tensor) -> tf.Tensor:
         """The step's op on (N, ...) values, without bias (linear but for max pooling)."""
@@ -546,43 +607,51 @@ class FastSpikingNetwork:
         a layer's linear op runs on all B x T of them at once, or, on spikes, event by
         event inside the scan below (``projections``)."""
         s = self.settings
-        n, steps = len(images), s.n_steps
-        x, over_time, layer = tf.constant(images), False, 0
+        n, steps, last = len(images), s.n_steps, len(self.steps) - 1
+        values = {-1: (tf.constant(images), False)}  # each step's output, and whether it is over time
         # (L, B, T): each layer's rates contiguous, as every scan's are (one compiled signature)
         layer_rates = np.empty((rates.shape[2], n, steps), np.float32)
-        incoming, z = None, _NONE  # the projection the population below ran, into z
+        projected: dict[int, tuple[Projection, np.ndarray]] = {}  # target: the projection run into it, into z
+        skipped: set[int] = set()  # reshapes on the way to a projected step
+        layer = 0
         for index, step in enumerate(self.steps):
-            if incoming is not None and index < incoming.target:
-                continue  # reshapes on the way to the projected step
+            if index in skipped:
+                continue
+            incoming = projected.pop(index, None)
             if incoming is not None:  # this step's linear op ran in the scan below
-                y, neuron_shape = z, incoming.shape
+                neuron_shape, y = incoming[0].shape, incoming[1]
             else:
-                y = self._linear(step, tf.reshape(x, (-1,) + tuple(x.shape[2:])) if over_time else x)
-                neuron_shape = tuple(y.shape[1:])
-                if over_time:
-                    y = tf.reshape(y, (n, steps) + neuron_shape)
+                y, over_time = self._input(step, values, n)
+                for i in step.inputs:
+                    if self._last_reader[i] == index:
+                        del values[i]
                 if not step.neurons:
-                    x = y if step.bias is None else y + step.bias
+                    values[index] = (y if step.bias is None else y + step.bias, over_time)
                     continue
+                neuron_shape = tuple(y.shape[2:] if over_time else y.shape[1:])
                 y = _as_array(y)
             size, filtered_input = int(np.prod(neuron_shape)), incoming is not None
-            incoming = self._projections.get(index)
-            if incoming is not None:
-                z = self._buffer(index, (n, steps, int(np.prod(incoming.shape))))
+            projection, z = self._projections.get(index), _NONE
+            if projection is not None:
+                z = self._buffer(index, (n, steps, int(np.prod(projection.shape))))
                 outs, taus = (), ()
-            elif index == len(self.steps) - 1 and s.probe_synapse == s.synapse:  # the probe reads what the GAP reads
+            elif index == last and s.probe_synapse == s.synapse:  # the probe reads what the GAP reads
                 outs, taus = (features.reshape(n, steps, size),), (s.synapse,)
-                x = features
+                values[index] = (features, True)
             else:
                 filtered = self._buffer(index, (n, steps) + neuron_shape)
                 outs, taus = (filtered.reshape(n, steps, size),), (self._output_synapse(index),)
-                if index == len(self.steps) - 1:  # the feature layer's own neurons: the probe reads them too
+                if index == last:  # the feature layer's own neurons: the probe reads them too
                     outs, taus = outs + (features.reshape(n, steps, size),), taus + (s.probe_synapse,)
-                x, over_time = _as_tensor(filtered), True
+                values[index] = (_as_tensor(filtered), True)
             z = self._neurons(index, y.reshape(n, -1, size), neuron_shape, outs, taus, layer_rates[layer],
-                              filtered_input, incoming, z)
+                              filtered_input, projection, z)
+            if projection is not None:
+                projected[projection.target] = (projection, z)
+                skipped.update(range(index + 1, projection.target))
             layer += 1
         rates[:] = layer_rates.transpose(1, 2, 0)
+        x = values[last][0]
         x = x if isinstance(x, np.ndarray) else _as_array(x)
         if not self.steps[-1].neurons:  # a linear feature layer after the last neurons
             self._lowpass(x.reshape(n, steps, -1), features.reshape(n, steps, -1), s.probe_synapse)

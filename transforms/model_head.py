@@ -65,11 +65,16 @@ def load_keras_model(path: str | Path) -> tf_keras.Model:
         raise ModelHeadError(f"{path}: cannot load as {saved_by} model: {err}") from err
 
 
-def inbound_layer(layer: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
-    """The single layer feeding ``layer``; ModelHeadError if it has several or none."""
+def inbound_layers(layer: tf_keras.layers.Layer) -> list[tf_keras.layers.Layer]:
+    """The layers feeding ``layer``, in input order; none for a layer called more than once."""
     nodes = layer.inbound_nodes
     inbound = nodes[0].inbound_layers if len(nodes) == 1 else []
-    inbound = inbound if isinstance(inbound, list) else [inbound]
+    return inbound if isinstance(inbound, list) else [inbound]
+
+
+def inbound_layer(layer: tf_keras.layers.Layer) -> tf_keras.layers.Layer:
+    """The single layer feeding ``layer``; ModelHeadError if it has several or none."""
+    inbound = inbound_layers(layer)
     if len(inbound) != 1:
         raise ModelHeadError(f"layer {layer.name!r} must have exactly one input")
     return inbound[0]
