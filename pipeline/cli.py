@@ -107,7 +107,9 @@ def _add_run_parser(commands) -> None:
     spiking.add_argument("--scale-firing-rates", type=float, default=DEFAULT_SCALE_FIRING_RATES,
                          help=f"firing-rate scale (default: {DEFAULT_SCALE_FIRING_RATES:g})")
     spiking.add_argument("--batch-size", type=_positive_int, default=16,
-                         help="images per simulator minibatch (default: 16)")
+                         help="images per simulator minibatch (default: 16; the fast engine runs fewer "
+                         "at once where a large network's values over all steps would not fit in a quarter "
+                         "of the memory)")
     spiking.add_argument("--worker-threads", type=_positive_int,
                          help="TensorFlow threads per worker process (default: the cores shared "
                          "out among --direct_num_workers processes; TensorFlow's default otherwise)")
