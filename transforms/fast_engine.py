@@ -84,7 +84,7 @@ _NO_KERNEL, _NO_TAPS = np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
 DENSE_ABOVE = 0.08
 # The share of the memory this process may use that the engine's buffers may take: it
 # holds each layer's values over all steps (nengo-dl, one step at a time), so a large
-# network (VGG at 224x224: ~2.5 GB per image at 30 steps) runs fewer images at once.
+# network (VGG16 at 224x224: ~2.4 GB per image at 30 steps) runs fewer images at once.
 MEMORY_SHARE = 0.25
 
 
@@ -469,6 +469,11 @@ class FastSpikingNetwork:
         self._states = _initial_states(converted, self.neuron_layers)
         self._projections = projections(self.steps) if settings.neuron in SPIKING else {}
         self._last_reader = {i: index for index, step in enumerate(self.steps) for i in step.inputs}
+        # The synapse on each population's output: none into TensorNodes (``plan`` refuses a
+        # population that feeds both kinds), else the network's.
+        self._output_synapses = {
+            index: None if any(in_tensor_node(self.steps[c]) for c in consumers(self.steps, index)) else settings.synapse
+            for index, step in enumerate(self.steps) if step.neurons}
         self.dense_above = dense_above
         budget = default_memory_budget() if memory_budget is None else memory_budget
         self.batch_size, self.batches_at_once = engine_batches(self.steps, settings, concurrent_batches, budget)
@@ -562,12 +567,6 @@ class FastSpikingNetwork:
         self._population(x, None, zeros, zeros, 1, "identity", 1, zeros, zeros, (tau,), (out,),
                          np.empty(x.shape[:2], np.float32))
 
-    def _output_synapse(self, index: int) -> float | None:
-        """The synapse on step ``index``'s population output: none into TensorNodes (``plan``
-        refuses a population that feeds both kinds), else the network's."""
-        readers = consumers(self.steps, index)
-        return None if readers and in_tensor_node(self.steps[readers[0]]) else self.settings.synapse
-
     def _input(self, step: Step, values: dict, n: int) -> tuple[tf.Tensor, bool]:
         """The step's op on its inputs' values (each (B, T, ...) over time, or (B, ...) where
         constant); returns it, and whether it is over time."""
@@ -641,7 +640,7 @@ class FastSpikingNetwork:
                 values[index] = (features, True)
             else:
                 filtered = self._buffer(index, (n, steps) + neuron_shape)
-                outs, taus = (filtered.reshape(n, steps, size),), (self._output_synapse(index),)
+                outs, taus = (filtered.reshape(n, steps, size),), (self._output_synapses[index],)
                 if index == last:  # the feature layer's own neurons: the probe reads them too
                     outs, taus = outs + (features.reshape(n, steps, size),), taus + (s.probe_synapse,)
                 values[index] = (_as_tensor(filtered), True)
