@@ -93,7 +93,6 @@ def keras3_cnn(seed: int = 0, sequential: bool = False):
 def test_keras3_model_files_are_rebuilt_in_tf_keras(tmp_path, suffix, sequential):
     """Keras 3's own files (tf-keras cannot read them) load as tf-keras models with the
     same outputs and CAM head, which the fast engine supports."""
-
     original = keras3_cnn(sequential=sequential)
     path = tmp_path / f"model{suffix}"
     original.save(path)
@@ -124,7 +123,8 @@ def test_nested_base_model_with_extra_outputs_is_flattened(tmp_path, saved_by):
     """The forum's model (shared/seeds): a base model called inside the model, then GAP and
     Dense, with the pooled features and the feature map as outputs too. It loads as one
     flat graph whose head is the base's last layer (VGG-style, a max pooling) and whose only
-    output is the Dense's, the fast engine runs it, and its CAM model gives the original's feature map and pre-softmax logits."""
+    output is the Dense's, the fast engine runs it, and its CAM model gives the original's
+    feature map and pre-softmax logits."""
     import keras
 
     k = tf_keras if saved_by == "tf-keras" else keras
