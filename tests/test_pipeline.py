@@ -240,3 +240,34 @@ def test_a_keras3_model_file_runs_end_to_end(tmp_path, sample_images):
     assert ds.attrs["engine"] == "fast"
     np.testing.assert_allclose(ds.logits_reference.values, logits, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ds.logits.values[:, -1], logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_residual_model_with_max_pooling_runs_on_the_fast_engine_as_on_nengo_dl(tmp_path):
+    """A ResNet-style model (max pooling, a residual block with batch normalization) runs
+    through the whole pipeline on the fast engine, and its spiking store is the nengo-dl
+    engine's: the same CAMs and logits at every step."""
+    from transforms.nengo_shim import tf_keras
+
+    layers = tf_keras.layers
+    x = inputs = tf_keras.Input((64, 64, 1))
+    x = layers.MaxPooling2D(2)(layers.Conv2D(8, 3, padding="same", activation="relu")(x))
+    y = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same", use_bias=False)(x)))
+    x = layers.ReLU()(layers.Add()([x, layers.Conv2D(8, 3, padding="same")(y)]))
+    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="features")(x)
+    model = tf_keras.Model(inputs, layers.Dense(10, activation="softmax")(layers.GlobalAveragePooling2D()(x)))
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(0, 0.3, w.shape) if w.ndim > 1 else np.abs(rng.normal(0.1, 0.05, w.shape))
+                       for w in model.get_weights()])
+    model_path = tmp_path / "residual.h5"
+    model.save(model_path)
+    stores = {}
+    for engine in ("fast", "nengo-dl"):
+        stores[engine] = tmp_path / f"{engine}.zarr"
+        assert run_cli("--model", str(model_path), "--engine", engine, "--n-steps", "8", *SMALL_RUN,
+                       "--output", str(stores[engine])) == 0
+    fast, nengo = xr.open_zarr(stores["fast"]), xr.open_zarr(stores["nengo-dl"])
+    assert (fast.attrs["engine"], nengo.attrs["engine"]) == ("fast", "nengo-dl")
+    assert (fast.status.values == 1).all() and np.abs(fast.cam.values[:, :, -1]).max() > 0
+    scale = float(np.abs(nengo.logits).max())
+    np.testing.assert_allclose(fast.cam.values, nengo.cam.values, rtol=1e-5, atol=1e-5 * float(np.abs(nengo.cam).max()))
+    np.testing.assert_allclose(fast.logits.values, nengo.logits.values, rtol=1e-5, atol=1e-5 * scale)
