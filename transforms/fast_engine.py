@@ -101,7 +101,8 @@ class Step:
     "reshape", "identity", "add" or "concat" (over the last axis); neurons: whether a
     neuron population (the layer's ReLU) follows; bias_in_population: Dense-style bias
     (J = scale W x + scale b) rather than Conv2D-style (J = scale (W x + b)); inputs: the
-    indices of the steps it reads, -1 for the model's input.
+    indices of the steps it reads, -1 for the model's input; raw_output: the population's
+    output is read by TensorNode layers (``in_tensor_node``), so without a synapse.
     """
 
     name: str
@@ -117,6 +118,7 @@ class Step:
     bias_in_population: bool = False
     output_shape: tuple[int, ...] = ()
     inputs: tuple[int, ...] = (-1,)
+    raw_output: bool = False
 
 
 def _activation(layer) -> bool:
@@ -214,9 +216,11 @@ def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
             raise UnsupportedNetwork(f"layer {layer.name!r} ({type(layer).__name__}) is not supported")
         steps[-1] = dataclasses.replace(steps[-1], output_shape=output_shape, inputs=inputs)
     for index, step in enumerate(steps):
-        if step.neurons and len({in_tensor_node(steps[c]) for c in consumers(steps, index)}) > 1:
+        into_tensor_nodes = {in_tensor_node(steps[c]) for c in consumers(steps, index)} if step.neurons else set()
+        if len(into_tensor_nodes) > 1:
             raise UnsupportedNetwork(f"layer {step.name!r} feeds both a layer nengo-dl runs in a TensorNode "
                                      "(no synapse) and others")
+        steps[index] = dataclasses.replace(step, raw_output=into_tensor_nodes == {True})
     return steps
 
 
@@ -469,11 +473,6 @@ class FastSpikingNetwork:
         self._states = _initial_states(converted, self.neuron_layers)
         self._projections = projections(self.steps) if settings.neuron in SPIKING else {}
         self._last_reader = {i: index for index, step in enumerate(self.steps) for i in step.inputs}
-        # The synapse on each population's output: none into TensorNodes (``plan`` refuses a
-        # population that feeds both kinds), else the network's.
-        self._output_synapses = {
-            index: None if any(in_tensor_node(self.steps[c]) for c in consumers(self.steps, index)) else settings.synapse
-            for index, step in enumerate(self.steps) if step.neurons}
         self.dense_above = dense_above
         budget = default_memory_budget() if memory_budget is None else memory_budget
         self.batch_size, self.batches_at_once = engine_batches(self.steps, settings, concurrent_batches, budget)
@@ -640,7 +639,7 @@ class FastSpikingNetwork:
                 values[index] = (features, True)
             else:
                 filtered = self._buffer(index, (n, steps) + neuron_shape)
-                outs, taus = (filtered.reshape(n, steps, size),), (self._output_synapses[index],)
+                outs, taus = (filtered.reshape(n, steps, size),), (None if step.raw_output else s.synapse,)
                 if index == last:  # the feature layer's own neurons: the probe reads them too
                     outs, taus = outs + (features.reshape(n, steps, size),), taus + (s.probe_synapse,)
                 values[index] = (_as_tensor(filtered), True)
