@@ -228,10 +228,19 @@ def constant_branch_net() -> tf_keras.Model:
     return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 12)
 
 
+def pixel_dense_net() -> tf_keras.Model:
+    """Dense layers on feature maps (per pixel: 1x1 convolutions, which the converter is
+    handed as Conv2Ds), one after a linear Conv2D and one as the CAM feature layer."""
+    x = inputs = tf_keras.Input((10, 9, 2))
+    x = L.Dense(5, activation="relu")(L.Conv2D(6, 3, activation="relu")(x))
+    x = L.Dense(4, activation="relu", name="features")(L.Conv2D(6, 3, strides=2, padding="same")(x))
+    return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 13)
+
+
 NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net,
             "projected": projected_net, "chained": chained_net, "batchnorm": batchnorm_net, "padded": padded_net,
             "max_pool": max_pool_net, "pooled_features": pooled_features_net, "residual": residual_net,
-            "constant_branch": constant_branch_net}
+            "constant_branch": constant_branch_net, "pixel_dense": pixel_dense_net}
 
 
 def test_residual_net_projects_only_where_one_layer_reads_a_population():

@@ -9,6 +9,7 @@ from transforms.model_head import (
     ModelHeadError,
     cam_model,
     find_cam_head,
+    inference_copy,
     load_keras_model,
 )
 from transforms.nengo_shim import tf_keras
@@ -151,3 +152,19 @@ def test_nested_base_model_with_extra_outputs_is_flattened(tmp_path, saved_by):
     np.testing.assert_allclose(got_features, feature_map, rtol=1e-5, atol=1e-6)
     softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     np.testing.assert_allclose(softmax, probabilities, rtol=1e-5, atol=1e-7)
+
+
+def test_a_dense_layer_on_a_feature_map_reaches_the_converter_as_the_same_1x1_conv2d():
+    """NengoDL's Dense converter takes its input as flat (on a feature map it fails with an
+    Ensemble.bias shape error): the converter's copy of the model has a Conv2D of the same
+    name in its place, with the same outputs; a Dense on a flat input stays a Dense."""
+    inputs = tf_keras.Input((8, 8, 3))
+    x = layers.Dense(5, activation="relu", name="pixels")(layers.Conv2D(4, 3, activation="relu")(inputs))
+    x = layers.Dense(6, name="features")(layers.Dropout(0.5)(x))
+    flat = layers.Dense(6, activation="relu", name="flat")(layers.GlobalAveragePooling2D()(x))
+    model = tf_keras.Model(inputs, layers.Dense(2, name="classes")(flat))
+    copy = inference_copy(model)
+    assert [type(copy.get_layer(name)).__name__ for name in ("pixels", "features", "flat", "classes")] == [
+        "Conv2D", "Conv2D", "Dense", "Dense"]
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(copy(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)

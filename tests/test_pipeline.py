@@ -141,6 +141,30 @@ def test_model_without_gap_dense_head_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_dense_layers_on_feature_maps_run_on_the_fast_engine_with_kerass_cams(tmp_path, sample_images):
+    """Per-pixel Dense layers, the CAM feature layer among them, which NengoDL's converter
+    could not convert (it takes a Dense's input as flat): with rate neurons, every step's
+    CAM is the Keras model's."""
+    from transforms.nengo_shim import tf_keras
+
+    layers = tf_keras.layers
+    inputs = tf_keras.Input((64, 64, 1))
+    x = layers.Dense(8, activation="relu")(layers.Conv2D(8, 3, strides=2, activation="relu")(inputs))
+    x = layers.Dense(8, activation="relu", name="features")(layers.Conv2D(8, 3, strides=2, padding="same")(x))
+    model = tf_keras.Model(inputs, layers.Dense(10, name="logits")(layers.GlobalAveragePooling2D()(x)))
+    model_path, out = tmp_path / "pixel_dense.h5", tmp_path / "pixel_dense.zarr"
+    model.save(model_path)
+    assert run_cli("--model", str(model_path), "--neuron", "relu", "--n-steps", "2", "--limit", "8",
+                   "--output", str(out)) == 0
+    ds = xr.open_zarr(out)
+    assert ds.attrs["engine"] == "fast" and (ds.status.values == 1).all()
+    features = tf_keras.Model(inputs, model.get_layer("features").output)(sample_images["image"][:8] / 255.0)
+    expected = np.einsum("nyxc,ck->nkyx", features.numpy(), model.get_layer("logits").get_weights()[0])
+    assert np.abs(expected).max() > 0
+    for step in range(2):
+        np.testing.assert_allclose(ds.cam.values[:, :, step], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_networks_are_built_once_per_worker_and_reused_for_every_chunk(store_dir, relu_store):
     from transforms.cam_chunks import Networks
 

@@ -144,23 +144,42 @@ def find_cam_head(model: tf_keras.Model, source: str = "model") -> CamHead:
     return CamHead(feature.name, feature_shape, dense.name, weights, bias, input_shape)
 
 
+def _per_pixel_dense(layer: tf_keras.layers.Layer) -> bool:
+    """A Dense layer on a feature map (B, H, W, C): a 1x1 convolution, which NengoDL's
+    converter cannot convert as a Dense (it takes the input as flat)."""
+    return isinstance(layer, tf_keras.layers.Dense) and len(layer.input.shape) == 4
+
+
+def _as_conv(dense: tf_keras.layers.Dense) -> tf_keras.layers.Conv2D:
+    """The 1x1 Conv2D that computes what the per-pixel ``dense`` does, under its name."""
+    return tf_keras.layers.Conv2D(dense.units, 1, activation=dense.activation, use_bias=dense.use_bias,
+                                  name=dense.name)
+
+
 def inference_copy(model: tf_keras.Model) -> tf_keras.Model:
-    """A copy of ``model`` with the layers that are identities at inference (Dropout, ...)
-    replaced by linear Activations of the same name, and the same weights.
+    """A copy of ``model`` as NengoDL's converter should see it, with the same weights:
+    layers that are identities at inference (Dropout, ...) become linear Activations of
+    the same name, and Dense layers on a feature map 1x1 Conv2Ds of the same name.
 
     NengoDL's Converter has no converter for Dropout and runs it in a TensorNode, which does
-    not act as the identity; a linear Activation becomes a plain pass-through node.
+    not act as the identity; a linear Activation becomes a plain pass-through node. Its
+    Dense converter takes the input as flat, and fails on a feature map.
     """
-    if not any(isinstance(layer, IDENTITY_AT_INFERENCE) for layer in model.layers):
+    if not any(isinstance(layer, IDENTITY_AT_INFERENCE) or _per_pixel_dense(layer) for layer in model.layers):
         return model
 
     def clone(layer):
         if isinstance(layer, IDENTITY_AT_INFERENCE):
             return tf_keras.layers.Activation("linear", name=layer.name)
+        if _per_pixel_dense(layer):
+            return _as_conv(layer)
         return layer.__class__.from_config(layer.get_config())
 
     copy = tf_keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
+    for layer in copy.layers:
+        weights = model.get_layer(layer.name).get_weights()
+        if weights:
+            layer.set_weights([np.reshape(w, v.shape) for w, v in zip(weights, layer.weights)])
     return copy
 
 
