@@ -30,7 +30,7 @@ from transforms.fast_engine import effective_settings
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.preprocess import Preprocessing
 from transforms.records import InputDataset, InputError, limit_files, open_input
-from transforms.spiking import SpikingSettings, convert
+from transforms.spiking import ConvertedNetwork, SpikingSettings, convert
 from transforms.statistics import StatisticsSettings
 from transforms.store import (
     STATUS_DONE,
@@ -154,7 +154,7 @@ def prepare(request: RunRequest) -> PreparedRun:
     try:
         model = load_keras_model(request.model)
         head = find_cam_head(model, request.model)
-        neuron_layers = convert(model, head, request.settings).neuron_layers
+        neuron_layers = _converted(model, head, request).neuron_layers
         request = dataclasses.replace(
             request, settings=effective_settings(model, head, request.settings, neuron_layers)
         )
@@ -193,6 +193,21 @@ def prepare(request: RunRequest) -> PreparedRun:
     job = ChunkJob(os.path.abspath(request.model), s, dataset.decoder, layout, statistics,
                    request.preprocessing, request.worker_threads)
     return PreparedRun(dataset, job, template)
+
+
+def _converted(model, head: CamHead, request: RunRequest) -> ConvertedNetwork:
+    """The model converted with NengoDL; RequestError naming the model file where the
+    converter fails (it raises errors of many types, whose messages name no file, and for
+    a layer used twice not the layer either)."""
+    shared = [layer.name for layer in model.layers if len(layer.inbound_nodes) > 1]
+    if shared:
+        raise RequestError(f"{request.model}: NengoDL's converter cannot convert a layer used more than once: "
+                           f"{', '.join(repr(name) for name in shared)}")
+    try:
+        return convert(model, head, request.settings)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        raise RequestError(f"{request.model}: NengoDL's converter cannot convert this model "
+                           f"({type(err).__name__}: {err})") from err
 
 
 def _stored_chunk_size(store: str) -> int | None:
