@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.graph import build_pipeline
 from transforms.background import METRICS_NAMESPACE
-from transforms.cam_chunks import ChunkJob, available_cores
+from transforms.cam_chunks import ChunkJob, available_cores, limit_threads
 from transforms.fast_engine import effective_settings
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.preprocess import Preprocessing
@@ -255,6 +255,14 @@ def worker_threads(beam_args: list[str]) -> int | None:
     return max(1, available_cores() // workers)
 
 
+def worker_in_this_process(beam_args: list[str]) -> bool:
+    """Whether the pipeline's worker runs in this process: the local FnApiRunner, in memory
+    or on threads (not with ``--direct_running_mode=multi_processing``, nor on a service)."""
+    options = beam_options(beam_args).get_all_options()
+    return (str(options.get("runner")).endswith("FnApiRunner")
+            and options.get("direct_running_mode") in (None, "in_memory", "multi_threading"))
+
+
 def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = None) -> xr.Dataset:
     """Run the whole job (or what a resumed one lacks); return the store opened with xarray
     (lazily, without dask: building dask graphs for its ~75 arrays cost up to 0.3 s).
@@ -267,6 +275,8 @@ def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = No
     started = time.perf_counter()
     if request.worker_threads is None:
         request = dataclasses.replace(request, worker_threads=worker_threads(beam_args))
+    if worker_in_this_process(beam_args):  # before prepare's first TensorFlow op, after which they are fixed
+        limit_threads(request.worker_threads)
     run = prepare(request)
     prepared = time.perf_counter()
     layout = run.job.layout

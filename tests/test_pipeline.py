@@ -213,6 +213,23 @@ print(tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threadin
     assert result.stdout.split() == ["1", "1"]
 
 
+def test_worker_threads_reach_tensorflow_where_the_launcher_is_the_worker(tmp_path):
+    """With the in-process runner, the launcher's own first TensorFlow op (loading the
+    model) would fix the counts before any DoFn could set them: --worker-threads 1 was
+    logged as not applied and TensorFlow ran with its default. They are set first."""
+    code = f"""
+import sys
+from pipeline.cli import main
+from transforms.nengo_shim import tf
+code = main(["run", "--limit", "2", "--n-steps", "2", "--worker-threads", "1", "--output", {str(tmp_path / "t.zarr")!r}])
+print(code, tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-3:] == ["0", "1", "1"]
+    assert "TensorFlow threads left at" not in result.stderr
+
+
 def test_run_reports_stage_times_and_when_chunks_were_written(store_dir):
     from pipeline.cli import parser, request_from_args
     from pipeline.run import execute

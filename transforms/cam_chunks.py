@@ -77,14 +77,17 @@ def available_cores() -> int:
 
 def limit_threads(threads: int | None) -> None:
     """Give this process's TensorFlow ``threads`` threads (e.g. cores / worker processes),
-    so that worker processes sharing a machine do not fight over its cores."""
+    so that worker processes sharing a machine do not fight over its cores. Only before the
+    process's first TensorFlow op (setting the same counts again is a no-op); later, a
+    warning says that the counts stay TensorFlow's."""
     if threads is None:
         return
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError as err:  # TensorFlow already running in this process
-        log.info("cannot set TensorFlow threads to %d here: %s", threads, err)
+        log.warning("TensorFlow threads left at %d, not set to %d: %s",
+                    tf.config.threading.get_intra_op_parallelism_threads(), threads, err)
 
 
 class Networks:
