@@ -89,7 +89,8 @@ def _add_run_parser(commands) -> None:
     prep = run.add_argument_group("preprocessing (images are matched to the model's channels and size)")
     prep.add_argument("--scaling", choices=SCALINGS, default="unit",
                       help="unit: pixels / 255; mean: (pixels - --mean) / --std; keras: "
-                      "tf_keras.applications.<--keras-app>.preprocess_input (default: unit)")
+                      "tf_keras.applications.<--keras-app>.preprocess_input; none: 0..255 pixels as they "
+                      "are, for a model that scales its input itself (a Rescaling layer) (default: unit)")
     prep.add_argument("--mean", type=_floats, default=(), help="per-channel means in 0..255, e.g. 123.7,116.3,103.5")
     prep.add_argument("--std", type=_floats, default=(), help="per-channel standard deviations in 0..255")
     prep.add_argument("--keras-app", default="", help="e.g. vgg19, resnet50, mobilenet_v2")

@@ -237,10 +237,19 @@ def pixel_dense_net() -> tf_keras.Model:
     return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 13)
 
 
+def rescaling_net() -> tf_keras.Model:
+    """Rescaling, which NengoDL's converter runs in a TensorNode: on the input (as models
+    that take 0-255 pixels start), and on a spiking population's raw output."""
+    x = inputs = tf_keras.Input((10, 10, 2))
+    x = L.Conv2D(6, 3, activation="relu")(L.Rescaling(1 / 2, offset=-0.25)(x))
+    x = L.Conv2D(5, 3, padding="same", activation="relu", name="features")(L.Rescaling(0.5, offset=0.1)(x))
+    return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 14)
+
+
 NETWORKS = {"conv_pool": conv_pool_net, "dense_reshape": dense_reshape_net, "strided": strided_net,
             "projected": projected_net, "chained": chained_net, "batchnorm": batchnorm_net, "padded": padded_net,
             "max_pool": max_pool_net, "pooled_features": pooled_features_net, "residual": residual_net,
-            "constant_branch": constant_branch_net, "pixel_dense": pixel_dense_net}
+            "constant_branch": constant_branch_net, "pixel_dense": pixel_dense_net, "rescaling": rescaling_net}
 
 
 def test_residual_net_projects_only_where_one_layer_reads_a_population():

@@ -165,6 +165,28 @@ def test_dense_layers_on_feature_maps_run_on_the_fast_engine_with_kerass_cams(tm
         np.testing.assert_allclose(ds.cam.values[:, :, step], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+def test_a_model_that_rescales_its_pixels_itself_runs_on_the_fast_engine(tmp_path, relu_store):
+    """The shipped model behind a Rescaling(1/255) layer (a TensorNode to NengoDL's
+    converter), given 0..255 pixels (--scaling none): the fast engine, and the CAMs of the
+    shipped model on pixels / 255."""
+    from pipeline.sample import SAMPLE_MODEL
+    from transforms.nengo_shim import tf_keras
+
+    shipped = tf_keras.models.load_model(str(SAMPLE_MODEL), compile=False)
+    x = inputs = tf_keras.Input((64, 64, 1))
+    x = tf_keras.layers.Rescaling(1 / 255)(x)
+    for layer in shipped.layers[1:]:
+        x = layer(x)
+    model_path, out = tmp_path / "rescaling.h5", tmp_path / "rescaling.zarr"
+    tf_keras.Model(inputs, x).save(model_path)
+    assert run_cli("--model", str(model_path), "--scaling", "none", "--neuron", "relu", "--n-steps", "1",
+                   "--limit", "8", "--output", str(out)) == 0
+    ds = xr.open_zarr(out)
+    assert ds.attrs["engine"] == "fast" and (ds.status.values == 1).all()
+    expected = xr.open_zarr(relu_store).cam.values[:8, :, 0]
+    np.testing.assert_allclose(ds.cam.values[:, :, 0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_networks_are_built_once_per_worker_and_reused_for_every_chunk(store_dir, relu_store):
     from transforms.cam_chunks import Networks
 

@@ -17,6 +17,7 @@ def test_scalings_by_hand():
     np.testing.assert_allclose(Preprocessing().apply(image, shape), image / 255.0)
     mean = Preprocessing("mean", (10.0, 20.0, 30.0), (2.0, 4.0, 5.0)).apply(image, shape)
     np.testing.assert_allclose(mean, [[[0, 0, 0], [15, 7.5, 6]]])
+    np.testing.assert_array_equal(Preprocessing("none").apply(image, shape), image.astype(np.float32))
     vgg = Preprocessing("keras", keras_app="vgg19").apply(image, shape)
     np.testing.assert_allclose(vgg, tf_keras.applications.vgg19.preprocess_input(image.astype(np.float32)))
 

@@ -34,13 +34,14 @@ It reproduces the converted network exactly as NengoDL builds it:
   out = n * amplitude / dt; LIF with its refractory period), starting from the initial
   states nengo's builder draws for the network's seed.
 
-- a layer the converter cannot build natively (max pooling, 'same' average pooling) runs
-  in a TensorNode (``nengo_dl.Layer``), whose input connection has no synapse: the
-  population below it passes its raw output on, in the same step.
+- a layer the converter cannot build natively (max pooling, 'same' average pooling,
+  Rescaling) runs in a TensorNode (``nengo_dl.Layer``), whose input connection has no
+  synapse: the population below it passes its raw output on, in the same step.
 
 Supported: Conv2D (groups 1, channels_last), Dense, AveragePooling2D and MaxPooling2D
 (channels_last), BatchNormalization (over the last axis, at inference: x * scale + offset
 per channel, with the offset, like a Conv2D's bias, entering after the synapse),
+Rescaling (x * scale + offset, in a TensorNode as above),
 ZeroPadding2D (channels_last), Flatten, Reshape, ReLU and Activation('relu'), inference-time
 identities (Dropout, ...), Add and Concatenate (last axis), with linear or ReLU
 activations, each layer used once, from the input to the CAM feature layer: chains and
@@ -97,6 +98,7 @@ class Step:
     """One layer of the network: an op on its inputs, then (optionally) neurons.
 
     kind: "conv", "dense", "avgpool", "maxpool", "batchnorm" (kernel: the per-channel scale),
+    "rescale" (Rescaling: kernel the scale, bias the offset),
     "zeropad" (pads: ((top, bottom), (left, right)) rows and columns of zeros), "flatten",
     "reshape", "identity", "add" or "concat" (over the last axis); neurons: whether a
     neuron population (the layer's ReLU) follows; bias_in_population: Dense-style bias
@@ -204,6 +206,10 @@ def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
             steps.append(Step(layer.name, "identity", True))
         elif isinstance(layer, layers.Activation):
             steps.append(Step(layer.name, "identity", _activation(layer)))
+        elif isinstance(layer, layers.Rescaling):
+            offset = np.asarray(layer.offset, np.float32)
+            steps.append(Step(layer.name, "rescale", False, np.asarray(layer.scale, np.float32),
+                              offset if offset.any() else None))
         elif isinstance(layer, IDENTITY_AT_INFERENCE):
             steps.append(Step(layer.name, "identity", False))
         elif isinstance(layer, layers.Add):
@@ -309,9 +315,10 @@ def effective_settings(
 
 
 def in_tensor_node(step: Step) -> bool:
-    """Whether NengoDL's converter runs the step's layer in a TensorNode (max pooling, and
-    average pooling with 'same' padding, which counts only the cells inside the map)."""
-    return step.kind == "maxpool" or (step.kind == "avgpool" and step.padding == "SAME")
+    """Whether NengoDL's converter runs the step's layer in a TensorNode (max pooling,
+    average pooling with 'same' padding, which counts only the cells inside the map, and
+    Rescaling, for which it has no converter)."""
+    return step.kind in ("maxpool", "rescale") or (step.kind == "avgpool" and step.padding == "SAME")
 
 
 SPIKING = ("spiking-relu", "lif")  # neuron types whose outputs are sparse events
@@ -590,7 +597,7 @@ class FastSpikingNetwork:
             return tf.nn.avg_pool2d(x, step.pool, step.strides, step.padding)
         if step.kind == "maxpool":
             return tf.nn.max_pool2d(x, step.pool, step.strides, step.padding)
-        if step.kind == "batchnorm":
+        if step.kind in ("batchnorm", "rescale"):
             return x * step.kernel
         if step.kind == "zeropad":
             return tf.pad(x, ((0, 0), *step.pads, (0, 0)))

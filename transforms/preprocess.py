@@ -9,14 +9,15 @@ import numpy as np
 
 from transforms.nengo_shim import tf
 
-SCALINGS = ("unit", "mean", "keras")
+SCALINGS = ("unit", "mean", "keras", "none")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
     """scaling: ``unit`` (pixels / 255, in [0, 1]); ``mean`` ((pixels - mean) / std per
     channel, in 0..255 pixel units); ``keras`` (``tf_keras.applications.<keras_app>.
-    preprocess_input`` on 0..255 pixels, e.g. keras_app="vgg19")."""
+    preprocess_input`` on 0..255 pixels, e.g. keras_app="vgg19"); ``none`` (0..255 pixels
+    as they are, for a model that scales its input itself, with a Rescaling layer)."""
 
     scaling: str = "unit"
     mean: tuple[float, ...] = ()
@@ -44,6 +45,8 @@ class Preprocessing:
         base = "decode to uint8, match channels (gray<->RGB by luminance), bilinear resize to the model input, "
         if self.scaling == "unit":
             return base + "scale to [0, 1]"
+        if self.scaling == "none":
+            return base + "keep 0..255 pixel values (the model scales its input)"
         if self.scaling == "mean":
             return base + f"subtract per-channel mean {list(self.mean)} and divide by std {list(self.std) or 1}"
         return base + f"tf_keras.applications.{self.keras_app}.preprocess_input"
@@ -53,6 +56,8 @@ class Preprocessing:
         x = fit_to_input(image, input_shape)
         if self.scaling == "unit":
             return x / 255.0
+        if self.scaling == "none":
+            return x
         if self.scaling == "mean":
             std = np.asarray(self.std or (1.0,), np.float32)
             return (x - np.asarray(self.mean, np.float32)) / std
