@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import platform
 import subprocess
@@ -66,9 +67,9 @@ def best_of(repeats: int, fn) -> float:
 
 def keras_rates(model, head, x: np.ndarray, steps: int) -> tuple[float, float]:
     """(forward pass images/s at batch 64, the bound: the fastest forward pass, the model as
-    a graph function at batch 64 or BATCH * steps, with or without XLA, / steps). Batch 64
-    ran ~9% faster per image here than BATCH * steps (the engine's images x steps), whose
-    activations do not stay in cache; the faster is the strict bound."""
+    a graph function at batch 64 or BATCH * steps, with or without XLA, / steps). Either
+    may be the faster per image (batch 64 by 9% in one run here, where the activations of
+    BATCH * steps, the engine's images x steps, left the cache): the faster is the bound."""
     model = cam_model(model, head)
     small = tf.constant(x[:64])
     big = tf.constant(np.resize(x, (BATCH * steps,) + x.shape[1:]))
@@ -114,8 +115,7 @@ print("METRICS " + json.dumps(metrics))
     return metrics
 
 
-TESTS = {">=": lambda value, limit: value >= limit, "<=": lambda value, limit: value <= limit,
-         "<": lambda value, limit: value < limit}
+TESTS = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
 
 
 def goal(label: str, value: float, form: str, test: str, limit: float) -> tuple[str, str, str, str]:
