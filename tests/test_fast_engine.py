@@ -238,11 +238,15 @@ def pixel_dense_net() -> tf_keras.Model:
 
 
 def rescaling_net() -> tf_keras.Model:
-    """Rescaling, which NengoDL's converter runs in a TensorNode: on the input (as models
-    that take 0-255 pixels start), and on a spiking population's raw output."""
+    """Rescaling and Normalization, which NengoDL's converter runs in TensorNodes: on the
+    input (as models that take 0-255 pixels start), and on spiking populations' raw
+    outputs (a per-channel Normalization, and its inverse)."""
     x = inputs = tf_keras.Input((10, 10, 2))
     x = L.Conv2D(6, 3, activation="relu")(L.Rescaling(1 / 2, offset=-0.25)(x))
-    x = L.Conv2D(5, 3, padding="same", activation="relu", name="features")(L.Rescaling(0.5, offset=0.1)(x))
+    x = L.Normalization(mean=[0.1, 0.2, 0.0, 0.3, 0.1, 0.2], variance=[1.0, 0.5, 2.0, 0.25, 1.5, 0.8])(x)
+    x = L.Conv2D(5, 3, padding="same", activation="relu")(L.Rescaling(0.5, offset=0.1)(x))
+    x = L.Normalization(mean=0.2, variance=0.5, invert=True)(x)
+    x = L.Conv2D(5, 3, padding="same", activation="relu", name="features")(L.Normalization(mean=0.1, variance=4.0)(x))
     return _scaled(tf_keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))), 14)
 
 

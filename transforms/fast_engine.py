@@ -35,13 +35,13 @@ It reproduces the converted network exactly as NengoDL builds it:
   states nengo's builder draws for the network's seed.
 
 - a layer the converter cannot build natively (max pooling, 'same' average pooling,
-  Rescaling) runs in a TensorNode (``nengo_dl.Layer``), whose input connection has no
+  Rescaling, Normalization) runs in a TensorNode (``nengo_dl.Layer``), whose input connection has no
   synapse: the population below it passes its raw output on, in the same step.
 
 Supported: Conv2D (groups 1, channels_last), Dense, AveragePooling2D and MaxPooling2D
 (channels_last), BatchNormalization (over the last axis, at inference: x * scale + offset
 per channel, with the offset, like a Conv2D's bias, entering after the synapse),
-Rescaling (x * scale + offset, in a TensorNode as above),
+Rescaling and Normalization (x * scale + offset, per channel, in a TensorNode as above),
 ZeroPadding2D (channels_last), Flatten, Reshape, ReLU and Activation('relu'), inference-time
 identities (Dropout, ...), Add and Concatenate (last axis), with linear or ReLU
 activations, each layer used once, from the input to the CAM feature layer: chains and
@@ -98,7 +98,7 @@ class Step:
     """One layer of the network: an op on its inputs, then (optionally) neurons.
 
     kind: "conv", "dense", "avgpool", "maxpool", "batchnorm" (kernel: the per-channel scale),
-    "rescale" (Rescaling: kernel the scale, bias the offset),
+    "rescale" (Rescaling and Normalization: kernel the scale, bias the offset),
     "zeropad" (pads: ((top, bottom), (left, right)) rows and columns of zeros), "flatten",
     "reshape", "identity", "add" or "concat" (over the last axis); neurons: whether a
     neuron population (the layer's ReLU) follows; bias_in_population: Dense-style bias
@@ -143,6 +143,18 @@ def _batch_normalization(layer: layers.BatchNormalization) -> Step:
     scale = gamma / np.sqrt(layer.moving_variance.numpy() + layer.epsilon)
     offset = beta - scale * layer.moving_mean.numpy()
     return Step(layer.name, "batchnorm", False, np.asarray(scale, np.float32), np.asarray(offset, np.float32))
+
+
+def _normalization(layer: layers.Normalization) -> Step:
+    """Normalization, (x - mean) / max(sqrt(variance), eps) per channel (or its inverse), as
+    a rescale step: x * (1 / d) - mean / d, equal to ~1 float32 ulp. NengoDL's converter
+    runs it in a TensorNode, as Rescaling."""
+    if tuple(layer.axis) not in ((), (-1,), (len(layer.input.shape) - 1,)):
+        raise UnsupportedNetwork(f"layer {layer.name!r}: normalization over an axis other than the last")
+    mean = np.asarray(layer.mean, np.float32).ravel()
+    spread = np.asarray(tf.maximum(tf.sqrt(layer.variance), tf_keras.backend.epsilon()), np.float32).ravel()
+    scale, offset = (spread, mean) if layer.invert else (1 / spread, -mean / spread)
+    return Step(layer.name, "rescale", False, scale.astype(np.float32), offset.astype(np.float32))
 
 
 def _inbound_layers(layer) -> list:
@@ -210,6 +222,8 @@ def plan(model: tf_keras.Model, head: CamHead) -> list[Step]:
             offset = np.asarray(layer.offset, np.float32)
             steps.append(Step(layer.name, "rescale", False, np.asarray(layer.scale, np.float32),
                               offset if offset.any() else None))
+        elif isinstance(layer, layers.Normalization):
+            steps.append(_normalization(layer))
         elif isinstance(layer, IDENTITY_AT_INFERENCE):
             steps.append(Step(layer.name, "identity", False))
         elif isinstance(layer, layers.Add):

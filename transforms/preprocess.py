@@ -17,7 +17,7 @@ class Preprocessing:
     """scaling: ``unit`` (pixels / 255, in [0, 1]); ``mean`` ((pixels - mean) / std per
     channel, in 0..255 pixel units); ``keras`` (``tf_keras.applications.<keras_app>.
     preprocess_input`` on 0..255 pixels, e.g. keras_app="vgg19"); ``none`` (0..255 pixels
-    as they are, for a model that scales its input itself, with a Rescaling layer)."""
+    as they are, for a model that scales its input itself, with a Rescaling or Normalization layer)."""
 
     scaling: str = "unit"
     mean: tuple[float, ...] = ()
