@@ -90,7 +90,8 @@ def _add_run_parser(commands) -> None:
     prep.add_argument("--scaling", choices=SCALINGS, default="unit",
                       help="unit: pixels / 255; mean: (pixels - --mean) / --std; keras: "
                       "tf_keras.applications.<--keras-app>.preprocess_input; none: 0..255 pixels as they "
-                      "are, for a model that scales its input itself (a Rescaling or Normalization layer) (default: unit)")
+                      "are, for a model that scales its input itself (a Rescaling or Normalization layer) "
+                      "(default: unit)")
     prep.add_argument("--mean", type=_floats, default=(), help="per-channel means in 0..255, e.g. 123.7,116.3,103.5")
     prep.add_argument("--std", type=_floats, default=(), help="per-channel standard deviations in 0..255")
     prep.add_argument("--keras-app", default="", help="e.g. vgg19, resnet50, mobilenet_v2")

@@ -243,8 +243,10 @@ def test_worker_threads_reach_tensorflow_where_the_launcher_is_the_worker(tmp_pa
 import sys
 from pipeline.cli import main
 from transforms.nengo_shim import tf
-code = main(["run", "--limit", "2", "--n-steps", "2", "--worker-threads", "1", "--output", {str(tmp_path / "t.zarr")!r}])
-print(code, tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads())
+code = main(["run", "--limit", "2", "--n-steps", "2", "--worker-threads", "1",
+             "--output", {str(tmp_path / "t.zarr")!r}])
+threads = tf.config.threading
+print(code, threads.get_intra_op_parallelism_threads(), threads.get_inter_op_parallelism_threads())
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
