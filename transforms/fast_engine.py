@@ -35,8 +35,9 @@ It reproduces the converted network exactly as NengoDL builds it:
   states nengo's builder draws for the network's seed.
 
 - a layer the converter cannot build natively (max pooling, 'same' average pooling,
-  Rescaling, Normalization) runs in a TensorNode (``nengo_dl.Layer``), whose input connection has no
-  synapse: the population below it passes its raw output on, in the same step.
+  Rescaling, Normalization) runs in a TensorNode (``nengo_dl.Layer``), whose input
+  connection has no synapse: the population below it passes its raw output on, in the
+  same step.
 
 Supported: Conv2D (groups 1, channels_last), Dense, AveragePooling2D and MaxPooling2D
 (channels_last), BatchNormalization (over the last axis, at inference: x * scale + offset
@@ -154,7 +155,7 @@ def _normalization(layer: layers.Normalization) -> Step:
     mean = np.asarray(layer.mean, np.float32).ravel()
     spread = np.asarray(tf.maximum(tf.sqrt(layer.variance), tf_keras.backend.epsilon()), np.float32).ravel()
     scale, offset = (spread, mean) if layer.invert else (1 / spread, -mean / spread)
-    return Step(layer.name, "rescale", False, scale.astype(np.float32), offset.astype(np.float32))
+    return Step(layer.name, "rescale", False, scale, offset)
 
 
 def _inbound_layers(layer) -> list:
@@ -331,7 +332,7 @@ def effective_settings(
 def in_tensor_node(step: Step) -> bool:
     """Whether NengoDL's converter runs the step's layer in a TensorNode (max pooling,
     average pooling with 'same' padding, which counts only the cells inside the map, and
-    Rescaling, for which it has no converter)."""
+    Rescaling and Normalization, for which it has no converter)."""
     return step.kind in ("maxpool", "rescale") or (step.kind == "avgpool" and step.padding == "SAME")
 
 
