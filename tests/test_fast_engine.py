@@ -368,6 +368,34 @@ def test_images_take_either_path_by_their_own_spikes_alone():
             np.testing.assert_array_equal(got[i], alone[0])
 
 
+def test_features_written_into_a_reused_array_are_those_of_a_fresh_run():
+    """run(images, features=buffer) fills the buffer whole, padded last batch included:
+    stale values from an earlier run (here NaN) never leak, and the nengo-dl engine fills
+    it as well, with the same rates to 1e-5."""
+    model = conv_pool_net()
+    head = find_cam_head(model)
+    settings = SpikingSettings(n_steps=8, scale_firing_rates=50, batch_size=4)
+    engine = FastSpikingNetwork(model, head, settings)
+    first, second = _images(model.input_shape[1:], n=11), _images(model.input_shape[1:], n=11, seed=1)
+    buffer = np.full((11, settings.n_steps) + head.feature_shape, np.nan, np.float32)
+    for images in (first, second):  # the second run reuses the first's buffers, padded ones included
+        fresh = FastSpikingNetwork(model, head, settings).run(images)
+        got = engine.run(images, buffer)
+        assert got[0] is buffer and fresh[0].any()
+        for a, b in zip(got, fresh):
+            np.testing.assert_array_equal(a, b)
+    rate = SpikingSettings(neuron="relu", n_steps=4, synapse=None, probe_synapse=None, batch_size=4)
+    reference = SpikingNetwork(model, head, rate)
+    try:
+        buffer = np.full((7, rate.n_steps) + head.feature_shape, np.nan, np.float32)
+        got = reference.run(first[:7], buffer)[0]
+    finally:
+        reference.close()
+    expected = FastSpikingNetwork(model, head, rate).run(first[:7])[0]
+    assert got is buffer
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_shipped_model_matches_nengo_dl(sample_images):
     model = load_keras_model(SAMPLE_MODEL)
     images = sample_images["image"][:8].astype(np.float32) / 255.0

@@ -24,6 +24,7 @@ from apache_beam.utils.shared import Shared
 from threadpoolctl import threadpool_limits
 
 from transforms.background import METRICS_NAMESPACE, Unfinished, background_pool, timed
+from transforms.buffers import BufferPool
 from transforms.cam import class_activation_maps, step_class_activation_maps
 from transforms.fast_engine import FastSpikingNetwork
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
@@ -108,6 +109,10 @@ class Networks:
         else:
             self.spiking = SpikingNetwork(model, self.head, job.settings)
         self.reference = ReferenceNetwork(model, self.head)
+        # One chunk's features (126 MB for the shipped model) reused chunk after chunk: two
+        # at once, the one simulating and the one whose CAMs are being computed.
+        chunk_features = (job.layout.images_per_chunk, job.settings.n_steps) + self.head.feature_shape
+        self.feature_buffers = BufferPool(chunk_features)
         self.lock = threading.Lock()
         self.statistics_threads = threads
         self.statistics_pool = background_pool(self.statistics_threads, "statistics") if self.statistics_threads > 1 else None
@@ -143,8 +148,9 @@ class ComputeCamChunk(beam.DoFn):
     def process(self, element: tuple[int, Iterable[tuple[int, Example | BadRecord]]],
                 timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         chunk_index, arrays, images, rows = self._assemble(element)
-        outputs = self._simulate(images) if images else None
-        future = self._networks.finisher.submit(self._finish, chunk_index, arrays, outputs, rows)
+        buffer = self._networks.feature_buffers.take() if images else None
+        outputs = self._simulate(images, buffer) if images else None
+        future = self._networks.finisher.submit(self._finish, chunk_index, arrays, outputs, rows, buffer)
         yield from self._unfinished.add(future, timestamp, window)
 
     def finish_bundle(self):
@@ -177,21 +183,29 @@ class ComputeCamChunk(beam.DoFn):
         Metrics.counter(METRICS_NAMESPACE, "images").inc(stop - start)
         return chunk_index, arrays, images, np.asarray(rows, np.int64)
 
-    def _simulate(self, images: list[np.ndarray]) -> tuple[np.ndarray, ...]:
-        """Spiking features, logits and rates, then the reference's features and logits."""
+    def _simulate(self, images: list[np.ndarray], buffer: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Spiking features (into ``buffer``'s first rows), logits and rates, then the
+        reference's features and logits."""
         batch = np.stack(images)
         with self._networks.lock:
             with timed("engine_ms"):
-                spiking = self._networks.spiking.run(batch)
+                spiking = self._networks.spiking.run(batch, buffer[: len(batch)])
             with timed("reference_ms"):
                 reference = self._networks.reference.run(batch)
         return spiking + reference
 
-    def _finish(self, chunk_index: int, arrays: dict, outputs: tuple | None, rows: np.ndarray):
+    def _finish(self, chunk_index: int, arrays: dict, outputs: tuple | None, rows: np.ndarray,
+                buffer: np.ndarray | None):
         """The chunk's other variables (CAMs and statistics at ``rows``, fill values elsewhere)
-        beside ``arrays``: ((key, chunk Dataset), {stage: ms})."""
+        beside ``arrays``: ((key, chunk Dataset), {stage: ms}). Gives the features' ``buffer``
+        back to the pool."""
         timings: dict[str, int] = {}
-        computed = self._compute(outputs, arrays["label"][rows], arrays["boxes"][rows], timings) if len(rows) else {}
+        try:
+            computed = (self._compute(outputs, arrays["label"][rows], arrays["boxes"][rows], timings)
+                        if len(rows) else {})
+        finally:
+            if buffer is not None:
+                self._networks.feature_buffers.give(buffer)
         arrays["status"][rows] = STATUS_DONE
         n = len(arrays["status"])
         for name in CHUNKED_VARIABLES:

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from transforms import neuron_kernels
+from transforms.buffers import check_features
 from transforms.model_head import IDENTITY_AT_INFERENCE, CamHead, inbound_layers
 from transforms.nengo_shim import nengo, tf, tf_keras
 from transforms.spiking import SpikingSettings, convert
@@ -687,14 +688,17 @@ class FastSpikingNetwork:
             buffers[key] = _aligned_empty(shape)
         return buffers[key]
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(self, images: np.ndarray, features: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Simulate ``n_steps`` per image in minibatches of ``self.batch_size`` (the last padded).
 
-        images: (N, H, W, C) float32. Returns features (N, T, h, w, c), logits (N, T, K) and
-        the mean firing rate (Hz) of each neuron layer at each step (N, T, L).
+        images: (N, H, W, C) float32; features: where to write the features (N, T, h, w, c)
+        float32, C-contiguous (e.g. a ``BufferPool``'s), or None for a new array. Returns
+        features (N, T, h, w, c), logits (N, T, K) and the mean firing rate (Hz) of each
+        neuron layer at each step (N, T, L).
         """
         batch, n, steps = self.batch_size, len(images), self.settings.n_steps
-        results = (np.empty((n, steps) + self.head.feature_shape, np.float32),
+        results = (check_features(features, (n, steps) + self.head.feature_shape),
                    np.empty((n, steps, self.head.n_classes), np.float32),
                    np.empty((n, steps, len(self.neuron_layers)), np.float32))
 
@@ -708,7 +712,8 @@ class FastSpikingNetwork:
             # result does not depend on which images share its batch.
             padded = np.zeros((batch,) + x.shape[1:], np.float32)
             padded[: len(x)] = x
-            outputs = tuple(np.empty((batch,) + result.shape[1:], np.float32) for result in results)
+            outputs = tuple(self._buffer(("padded", i), (batch,) + result.shape[1:])
+                            for i, result in enumerate(results))
             self._simulate(padded, *outputs)
             for result, output in zip(results, outputs):
                 result[part] = output[: len(x)]

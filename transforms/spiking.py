@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from transforms.buffers import check_features
 from transforms.model_head import CamHead, cam_model
 from transforms.nengo_shim import nengo, nengo_dl, tf, tf_keras
 
@@ -190,16 +191,18 @@ class SpikingNetwork:
     def close(self) -> None:
         self._sim.close()
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(self, images: np.ndarray, features: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Simulate ``n_steps`` per image, in minibatches (the last one zero-padded).
 
-        images: (N, H, W, C) float32, held constant over time.
+        images: (N, H, W, C) float32, held constant over time; features: where to write the
+        features (N, T, h, w, c) float32, C-contiguous, or None for a new array.
         Returns features (N, T, h, w, c) from the feature probe, logits (N, T, K), and the
         mean firing rate (Hz) of each of ``neuron_layers`` at each step (N, T, L).
         """
         batch, steps = self.settings.batch_size, self.settings.n_steps
         n = len(images)
-        features = np.empty((n, steps) + self.head.feature_shape, np.float32)
+        features = check_features(features, (n, steps) + self.head.feature_shape)
         logits = np.empty((n, steps, self.head.n_classes), np.float32)
         network = self.network
         rates = np.empty((n, steps, len(network.rate_probes)), np.float32)
