@@ -27,6 +27,7 @@ from pipeline.graph import build_pipeline
 from transforms.background import METRICS_NAMESPACE
 from transforms.cam_chunks import ChunkJob, available_cores, limit_threads
 from transforms.fast_engine import effective_settings
+from transforms.gc_tuning import freeze_startup_objects
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.preprocess import Preprocessing
 from transforms.records import InputDataset, InputError, limit_files, open_input
@@ -273,6 +274,7 @@ def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = No
     launcher's own timings (prepare_ms, pipeline_ms, summary_ms).
     """
     started = time.perf_counter()
+    freeze_startup_objects()
     if request.worker_threads is None:
         request = dataclasses.replace(request, worker_threads=worker_threads(beam_args))
     if worker_in_this_process(beam_args):  # before prepare's first TensorFlow op, after which they are fixed

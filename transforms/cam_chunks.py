@@ -27,6 +27,7 @@ from transforms.background import METRICS_NAMESPACE, Unfinished, background_pool
 from transforms.buffers import BufferPool
 from transforms.cam import class_activation_maps, step_class_activation_maps
 from transforms.fast_engine import FastSpikingNetwork
+from transforms.gc_tuning import freeze_startup_objects
 from transforms.model_head import CamHead, find_cam_head, load_keras_model
 from transforms.nengo_shim import tf
 from transforms.preprocess import Preprocessing
@@ -117,6 +118,7 @@ class Networks:
         self.statistics_threads = threads
         self.statistics_pool = background_pool(self.statistics_threads, "statistics") if self.statistics_threads > 1 else None
         self.finisher = background_pool(1, "finisher")  # CAMs and statistics of one chunk while the next simulates
+        freeze_startup_objects()  # a worker process's first build: its imports and these networks
         Networks.builds += 1
 
 
