@@ -9,13 +9,24 @@ import xarray as xr
 import xarray_beam as xbeam
 import zarr
 
+from apache_beam.internal import pickler
+
+from transforms.cam_chunks import ChunkJob, ComputeCamChunk
 from transforms.model_head import CamHead
-from transforms.statistics import sweep_thresholds
+from transforms.preprocess import Preprocessing
+from transforms.records import ExampleDecoder
+from transforms.spiking import SpikingSettings
+from transforms.statistics import StatisticsSettings, sweep_thresholds
 from transforms.store import (
+    CHUNKED_VARIABLES,
     FileRow,
     StoreLayout,
     _chunk_file_codec,
     build_template,
+    chunk_dataset,
+    chunk_rows,
+    chunk_template,
+    empty_chunk,
     write_chunk,
 )
 
@@ -36,6 +47,43 @@ def test_the_template_takes_no_memory_in_proportion_to_the_dataset():
     tracemalloc.stop()
     assert template["cam"].shape == (n, 10, steps, 8, 8) and template["cam"].dtype == np.float32
     assert peak < 50e6, f"building the template allocated {peak / 1e6:.0f} MB"
+
+
+HEAD = CamHead("features", (8, 8, 4), "dense", np.ones((4, 10), np.float32), np.zeros(10, np.float32), (32, 32, 3))
+
+
+def template_of(n: int, steps: int = 30) -> tuple[StoreLayout, xr.Dataset]:
+    layout = StoreLayout(n_images=n, n_steps=steps, dt=0.001, max_boxes=2, images_per_chunk=64)
+    files = [FileRow(f"/data/part-{i:05d}.tfrecord", 100, "") for i in range(-(-n // 100))]
+    template = build_template(layout, HEAD, [f"image-{i:07d}" for i in range(n)], [f.path for f in files for _ in
+                              range(100)][:n], np.arange(n) % 100, [str(k) for k in range(10)], ("a", "b"),
+                              sweep_thresholds(), files, {"dataset_files": [f.path for f in files]})
+    return layout, template
+
+
+def test_a_chunk_assembled_from_the_chunk_template_is_that_of_the_whole_template():
+    _, template = template_of(300)
+    small = chunk_template(template)
+    rows, n = np.array([0, 2, 3]), 5
+    for name in CHUNKED_VARIABLES:
+        shape = (len(rows),) + template.variables[name].shape[1:]
+        values = np.ones(shape, template.variables[name].dtype)
+        np.testing.assert_array_equal(chunk_rows(small, name, values, rows, n),
+                                      chunk_rows(template, name, values, rows, n))
+    arrays = empty_chunk(small, 64, 69, CHUNKED_VARIABLES)
+    xr.testing.assert_identical(chunk_dataset(small, arrays), chunk_dataset(template, arrays))
+
+
+def test_the_cam_dofn_pickles_to_the_same_size_whatever_the_datasets_size():
+    """Beam pickles each DoFn into the pipeline (for Dataflow, into the job's request, which
+    has a size limit): with the whole template, ComputeCamChunk grew by ~2 kB per 1000 images."""
+    sizes = []
+    for n in (300, 30_000):
+        layout, template = template_of(n)
+        job = ChunkJob("model.h5", SpikingSettings(), ExampleDecoder(), layout, StatisticsSettings(size=(32, 32)),
+                       Preprocessing())
+        sizes.append(len(pickler.dumps(ComputeCamChunk(job, template))))
+    assert sizes[1] < sizes[0] + 1000, sizes
 
 
 def make_store(path) -> dict[str, zarr.Array]:

@@ -50,6 +50,7 @@ from transforms.store import (
     chunk_dataset,
     chunk_key,
     chunk_rows,
+    chunk_template,
     empty_chunk,
 )
 from transforms.tfrecord_io import BadRecord
@@ -135,7 +136,7 @@ class ComputeCamChunk(beam.DoFn):
 
     def __init__(self, job: ChunkJob, template: xr.Dataset):
         self._job = job
-        self._template = template
+        self._template = chunk_template(template)  # small whatever the dataset's size
         self._shared = Shared()
 
     def setup(self) -> None:

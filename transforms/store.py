@@ -275,6 +275,14 @@ def chunk_bounds(chunk_index: int, layout: StoreLayout) -> tuple[int, int]:
 INPUT_VARIABLES = ("label", "boxes", "status", "error")  # known before any simulation
 
 
+def chunk_template(template: xr.Dataset) -> xr.Dataset:
+    """What assembling a chunk needs of the template (each per-image variable's dims and its
+    shape past ``image``: ``empty_chunk``, ``chunk_rows``, ``chunk_dataset``): its first image,
+    without attributes. Its size does not grow with the dataset's, where the whole template,
+    pickled with a DoFn, took 2.2 MB and 6.6 s to pickle at 1M images, once more per run."""
+    return template[list(CHUNKED_VARIABLES)].isel(image=slice(0, 1)).drop_attrs()
+
+
 def empty_chunk(template: xr.Dataset, start: int, stop: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Fill-value arrays of the per-image variables ``names`` for images [start, stop)."""
     return {name: chunk_rows(template, name, None, np.zeros(0, np.int64), stop - start) for name in names}
