@@ -8,21 +8,18 @@ import pytest
 import xarray as xr
 import xarray_beam as xbeam
 import zarr
-
 from apache_beam.internal import pickler
 
+from tests.template_factory import template_of
 from transforms.cam_chunks import ChunkJob, ComputeCamChunk
-from transforms.model_head import CamHead
 from transforms.preprocess import Preprocessing
 from transforms.records import ExampleDecoder
 from transforms.spiking import SpikingSettings
-from transforms.statistics import StatisticsSettings, sweep_thresholds
+from transforms.statistics import StatisticsSettings
 from transforms.store import (
     CHUNKED_VARIABLES,
-    FileRow,
     StoreLayout,
     _chunk_file_codec,
-    build_template,
     chunk_dataset,
     chunk_rows,
     chunk_template,
@@ -36,29 +33,12 @@ DTYPES = {"cam": "f4", "label": "i4", "status": "i1"}
 
 def test_the_template_takes_no_memory_in_proportion_to_the_dataset():
     n, steps = 20_000, 30  # cam alone would be 20000 x 10 x 30 x 8 x 8 float32: 1.5 GB
-    head = CamHead("features", (8, 8, 4), "dense", np.ones((4, 10), np.float32), np.zeros(10, np.float32),
-                   (32, 32, 3))
-    layout = StoreLayout(n_images=n, n_steps=steps, dt=0.001, max_boxes=2, images_per_chunk=64)
-    ids = [f"f:{i}" for i in range(n)]
     tracemalloc.start()
-    template = build_template(layout, head, ids, ["f"] * n, np.arange(n), [str(k) for k in range(10)],
-                              ("a", "b"), sweep_thresholds(), [FileRow("f", n, "")], {})
+    _, template = template_of(n, steps)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert template["cam"].shape == (n, 10, steps, 8, 8) and template["cam"].dtype == np.float32
     assert peak < 50e6, f"building the template allocated {peak / 1e6:.0f} MB"
-
-
-HEAD = CamHead("features", (8, 8, 4), "dense", np.ones((4, 10), np.float32), np.zeros(10, np.float32), (32, 32, 3))
-
-
-def template_of(n: int, steps: int = 30) -> tuple[StoreLayout, xr.Dataset]:
-    layout = StoreLayout(n_images=n, n_steps=steps, dt=0.001, max_boxes=2, images_per_chunk=64)
-    files = [FileRow(f"/data/part-{i:05d}.tfrecord", 100, "") for i in range(-(-n // 100))]
-    template = build_template(layout, HEAD, [f"image-{i:07d}" for i in range(n)], [f.path for f in files for _ in
-                              range(100)][:n], np.arange(n) % 100, [str(k) for k in range(10)], ("a", "b"),
-                              sweep_thresholds(), files, {"dataset_files": [f.path for f in files]})
-    return layout, template
 
 
 def test_a_chunk_assembled_from_the_chunk_template_is_that_of_the_whole_template():
