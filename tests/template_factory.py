@@ -1,12 +1,17 @@
-"""Store templates of any size for a small made-up model head, without a model or data."""
+"""Store templates of any size, and the job of a run on them, for a small made-up model head,
+without a model or data."""
 
 from __future__ import annotations
 
 import numpy as np
 import xarray as xr
 
+from transforms.cam_chunks import ChunkJob
 from transforms.model_head import CamHead
-from transforms.statistics import sweep_thresholds
+from transforms.preprocess import Preprocessing
+from transforms.records import ExampleDecoder
+from transforms.spiking import SpikingSettings
+from transforms.statistics import StatisticsSettings, sweep_thresholds
 from transforms.store import FileRow, StoreLayout, build_template
 
 HEAD = CamHead("features", (8, 8, 4), "dense", np.ones((4, 10), np.float32), np.zeros(10, np.float32), (32, 32, 3))
@@ -21,3 +26,9 @@ def template_of(n: int, steps: int = 30, per_file: int = 100) -> tuple[StoreLayo
                               [str(k) for k in range(10)], ("a", "b"), sweep_thresholds(), files,
                               {"dataset_files": [f.path for f in files]})
     return layout, template
+
+
+def job_of(layout: StoreLayout) -> ChunkJob:
+    """A run's job on ``layout`` with default settings (its model file is never opened)."""
+    return ChunkJob("model.h5", SpikingSettings(), ExampleDecoder(), layout,
+                    StatisticsSettings(size=HEAD.input_shape[:2]), Preprocessing())

@@ -10,19 +10,13 @@ import xarray as xr
 import xarray_beam as xbeam
 
 from pipeline.graph import build_pipeline
-from tests.template_factory import template_of
-from transforms.cam_chunks import ChunkJob
+from tests.template_factory import job_of, template_of
 from transforms.coders import DatasetCoder
-from transforms.preprocess import Preprocessing
-from transforms.records import ExampleDecoder
-from transforms.spiking import SpikingSettings
-from transforms.statistics import StatisticsSettings
 
 
 def test_chunks_leave_compute_cams_with_a_coder_that_sizes_them_without_encoding():
     layout, template = template_of(4, steps=2)
-    job = ChunkJob("model.h5", SpikingSettings(), ExampleDecoder(), layout, StatisticsSettings(size=(8, 8)),
-                   Preprocessing())
+    job = job_of(layout)
     pipeline = beam.Pipeline()
     build_pipeline(pipeline, (), job, template, "store.zarr", frozenset({0}))
     (computed,) = [t for t in pipeline.transforms_stack[0].parts if t.full_label == "ComputeCams"]

@@ -10,12 +10,8 @@ import xarray_beam as xbeam
 import zarr
 from apache_beam.internal import pickler
 
-from tests.template_factory import template_of
-from transforms.cam_chunks import ChunkJob, ComputeCamChunk
-from transforms.preprocess import Preprocessing
-from transforms.records import ExampleDecoder
-from transforms.spiking import SpikingSettings
-from transforms.statistics import StatisticsSettings
+from tests.template_factory import job_of, template_of
+from transforms.cam_chunks import ComputeCamChunk
 from transforms.store import (
     CHUNKED_VARIABLES,
     StoreLayout,
@@ -60,9 +56,7 @@ def test_the_cam_dofn_pickles_to_the_same_size_whatever_the_datasets_size():
     sizes = []
     for n in (300, 30_000):
         layout, template = template_of(n)
-        job = ChunkJob("model.h5", SpikingSettings(), ExampleDecoder(), layout, StatisticsSettings(size=(32, 32)),
-                       Preprocessing())
-        sizes.append(len(pickler.dumps(ComputeCamChunk(job, template))))
+        sizes.append(len(pickler.dumps(ComputeCamChunk(job_of(layout), template))))
     assert sizes[1] < sizes[0] + 1000, sizes
 
 
