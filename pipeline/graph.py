@@ -2,7 +2,7 @@
 
 Decoded records (small) are shuffled to their store chunk, so each chunk's outputs (large)
 are computed and written whole by one worker. The store's template is written before the
-pipeline runs (``xbeam.setup_zarr``); workers only write regions (``status`` last, so a
+pipeline runs (``transforms.store_setup``); workers only write regions (``status`` last, so a
 chunk counts as done only once all of it is written).
 """
 

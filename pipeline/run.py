@@ -19,7 +19,6 @@ import time
 import apache_beam as beam
 import numpy as np
 import xarray as xr
-import xarray_beam as xbeam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -44,6 +43,7 @@ from transforms.store import (
     zarr_chunks,
     zarr_encoding,
 )
+from transforms.store_setup import setup_store
 from transforms.summary import write_summary
 
 log = logging.getLogger(__name__)
@@ -289,10 +289,7 @@ def execute(request: RunRequest, beam_args: list[str], metrics: dict | None = No
     else:
         if os.path.exists(request.output):
             shutil.rmtree(request.output)
-        # Staging (write the metadata to a local temporary store, then copy it) is for remote
-        # stores; on a local one it only adds the copy (~0.2 s).
-        xbeam.setup_zarr(run.template, request.output, zarr_chunks(layout), encoding=zarr_encoding(run.template),
-                         stage_locally="://" in str(request.output))
+        setup_store(run.template, str(request.output), zarr_chunks(layout), zarr_encoding(run.template))
         chunks = frozenset(range(n_chunks))
         log.info("store %s set up for %d images in %d chunks", request.output, layout.n_images, n_chunks)
     counters = {}
