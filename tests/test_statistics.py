@@ -4,10 +4,12 @@ by separate, straightforward code (tf.image.resize, per-map ndimage.label, loops
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 from scipy import ndimage
 
 from tests.conftest import run_cli
@@ -207,3 +209,22 @@ def test_summary_read_in_blocks_of_chunks_equals_one_read(spiking_store, monkeyp
     whole = dataset_summary(ds)
     monkeypatch.setattr(summary, "READ_BYTES", read_bytes)
     xr.testing.assert_identical(dataset_summary(ds), whole)
+
+
+def test_writing_the_summary_replaces_what_was_there(spiking_store, tmp_path):
+    """A store's summary written again holds the new values everywhere, NaN included (zarr
+    writes no chunk equal to the fill value: it must delete the earlier one)."""
+    store = tmp_path / "store.zarr"
+    shutil.copytree(spiking_store, store)
+    before = xr.open_zarr(store, chunks=None).load()
+    assert not np.isnan(before["accuracy"].values).all()
+    status = zarr.open_array(store / "status", mode="r+")
+    status[:] = 0  # every image never written: nothing to summarize
+    written = summary.write_summary(str(store))
+    after = xr.open_zarr(store, chunks=None)
+    for name in written:
+        assert np.isnan(after[name].values).all(), name
+    status[:] = before["status"].values
+    written = summary.write_summary(str(store))
+    for name in written:
+        np.testing.assert_array_equal(xr.open_zarr(store, chunks=None)[name].values, before[name].values, err_msg=name)

@@ -7,10 +7,13 @@ on chunking or worker count.
 
 from __future__ import annotations
 
+import asyncio
 import warnings
 
 import numpy as np
 import xarray as xr
+import zarr.api.asynchronous as zarr_async
+from zarr.core.sync import sync
 
 from transforms.store import STATUS_DONE, SUMMARY
 
@@ -89,9 +92,23 @@ def dataset_summary(ds: xr.Dataset) -> xr.Dataset:
 
 
 def write_summary(store: str) -> xr.Dataset:
-    """Compute the dataset-level statistics of ``store`` and write them into it. The store is
-    read without dask (``chunks=None``): its task graphs cost 4x the reading itself here."""
+    """Compute the dataset-level statistics of ``store`` and write them into its (existing)
+    arrays, all at once: concurrent zarr requests, ~0.02 s where ``Dataset.to_zarr`` took
+    ~0.13 s opening and writing them one by one. The store is read without dask
+    (``chunks=None``): its task graphs cost 4x the reading itself here."""
     ds = xr.open_zarr(store, chunks=None)
     summary = dataset_summary(ds)
-    summary.to_zarr(store, mode="r+", consolidated=False, write_empty_chunks=True)
+
+    async def write() -> None:
+        group = await zarr_async.open_group(store, mode="r+", use_consolidated=True)
+        arrays = await asyncio.gather(*(group.getitem(name) for name in summary))
+        for array, (name, variable) in zip(arrays, summary.items()):
+            if tuple(array.metadata.dimension_names or ()) != variable.dims:
+                raise ValueError(f"{store}: array {name!r} has dimensions {array.metadata.dimension_names}, "
+                                 f"the summary {variable.dims}")
+        # A NaN chunk (an empty summary) is not written but deletes the one of an earlier run.
+        await asyncio.gather(*(array.setitem(Ellipsis, variable.values)
+                               for array, variable in zip(arrays, summary.values())))
+
+    sync(write())
     return summary
