@@ -12,22 +12,18 @@ overlap the latency that setup_zarr stages a local copy to hide.
 from __future__ import annotations
 
 import asyncio
-import base64
 
 import numpy as np
 import xarray as xr
 import zarr.api.asynchronous as zarr_async
+from xarray.backends.zarr import FillValueCoder, encode_zarr_attr_value
 from xarray.conventions import encode_dataset_coordinates
 from zarr.core.sync import sync
 
 
-def _json_attr(value: object) -> object:
-    """An attribute value as zarr's JSON takes it (as xarray writes it)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def _is_string(variable: xr.Variable) -> bool:
+    """Stored as zarr's variable-length UTF-8 strings (numpy str, StringDType or object)."""
+    return variable.dtype.kind in "OUT"
 
 
 def _is_lazy(variable: xr.Variable) -> bool:
@@ -41,7 +37,7 @@ def array_specs(template: xr.Dataset, chunks: dict[str, int],
 
     Lazy variables are chunked by ``chunks`` (dim -> size, whole along the others), eager
     ones as zarr chooses. Floats read NaN where unwritten (zarr fill value, and CF
-    ``_FillValue`` attribute base64-encoded as xarray does); other types read zarr's
+    ``_FillValue`` attribute, encoded by xarray's own coder); other types read zarr's
     default. ``coordinates`` attributes follow CF as xarray's encoder sets them.
     """
     variables, _ = encode_dataset_coordinates(template)
@@ -50,12 +46,12 @@ def array_specs(template: xr.Dataset, chunks: dict[str, int],
         kind = variable.dtype.kind
         if kind not in "biufOUT":
             raise ValueError(f"store variable {name!r}: dtype {variable.dtype} has no encoding here")
-        attributes = {key: _json_attr(value) for key, value in variable.attrs.items()}
+        attributes = {key: encode_zarr_attr_value(value) for key, value in variable.attrs.items()}
         if kind == "f":
-            attributes["_FillValue"] = base64.standard_b64encode(np.float64(np.nan).tobytes()).decode("ascii")
+            attributes["_FillValue"] = FillValueCoder.encode(np.nan, variable.dtype)
         specs[name] = dict(
             shape=variable.shape,
-            dtype=str if kind in "OUT" else variable.dtype,
+            dtype=str if _is_string(variable) else variable.dtype,
             chunks=tuple(chunks.get(dim, size) for dim, size in variable.sizes.items()) if _is_lazy(variable) else "auto",
             fill_value=np.nan if kind == "f" else None,
             attributes=attributes,
@@ -67,10 +63,11 @@ def array_specs(template: xr.Dataset, chunks: dict[str, int],
 
 def setup_store(template: xr.Dataset, store: str, chunks: dict[str, int], encoding: dict[str, dict]) -> None:
     """Write a new store at ``store`` (a local path or an fsspec URL; anything there is
-    deleted, as by ``xarray_beam.setup_zarr``) from ``template``: the arrays of all its variables, the values of the eager ones, the
-    dataset attributes and consolidated metadata. Chunks and encoding as ``array_specs``."""
+    deleted, as by ``xarray_beam.setup_zarr``) from ``template``: the arrays of all its
+    variables, the values of the eager ones, the dataset attributes and consolidated
+    metadata. Chunks and encoding as ``array_specs``."""
     specs = array_specs(template, chunks, encoding)
-    attributes = {key: _json_attr(value) for key, value in template.attrs.items()}
+    attributes = {key: encode_zarr_attr_value(value) for key, value in template.attrs.items()}
 
     async def write() -> None:
         group = await zarr_async.open_group(store, mode="w", zarr_format=3, attributes=attributes)
@@ -78,7 +75,7 @@ def setup_store(template: xr.Dataset, store: str, chunks: dict[str, int], encodi
         eager = [(array, template.variables[name]) for array, name in zip(arrays, specs)
                  if not _is_lazy(template.variables[name])]
         await asyncio.gather(*(array.setitem(Ellipsis, np.asarray(variable.values, dtype=object)
-                                             if variable.dtype.kind in "OUT" else variable.values)
+                                             if _is_string(variable) else variable.values)
                                for array, variable in eager))
         await zarr_async.consolidate_metadata(group.store_path, zarr_format=3)
 
